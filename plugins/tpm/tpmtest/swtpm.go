@@ -1,0 +1,173 @@
+// Package tpmtest starts a private swtpm for a test: fresh state in
+// t.TempDir(), random free loopback ports, killed in t.Cleanup. It hands
+// out both the Spec for our Go code and the TCTI string for tpm2-tools and
+// clevis, so interop tests talk to the same TPM from both sides.
+package tpmtest
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/luksext/luksext/plugins/tpm"
+	"github.com/luksext/luksext/tests/testenv"
+)
+
+// SWTPM is one running software TPM.
+type SWTPM struct {
+	// Spec opens the TPM from Go (swtpm:tcp:127.0.0.1:PORT).
+	Spec tpm.Spec
+	// TCTI is for tpm2-tools and clevis (swtpm:host=127.0.0.1,port=PORT).
+	TCTI string
+	// StateDir keeps the TPM's persistent state (seeds, NV) across Restart.
+	StateDir string
+
+	bin  string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// Start launches a fresh swtpm and registers its shutdown with t.Cleanup.
+func Start(t testing.TB) *SWTPM {
+	t.Helper()
+	tools := testenv.Tools(t, "swtpm")
+	s := &SWTPM{StateDir: t.TempDir(), bin: tools["swtpm"]}
+	s.start(t)
+	t.Cleanup(s.stop)
+	return s
+}
+
+// Env is the environment tpm2-tools and clevis need to reach this TPM.
+// clevis' tpm2 pin only probes /dev/tpmrm? when TPM2TOOLS_TCTI is unset.
+func (s *SWTPM) Env() []string {
+	return []string{"TPM2TOOLS_TCTI=" + s.TCTI}
+}
+
+// Restart stops swtpm and starts it again on the same state, as a host
+// reboot would: PCRs are reset, sealed objects stay loadable. Ports change.
+func (s *SWTPM) Restart(t testing.TB) {
+	t.Helper()
+	s.stop()
+	s.start(t)
+}
+
+// FlushAll removes leftover transient objects and sessions. swtpm has no
+// resource manager, and clevis 19's tpm2 pin leaks a session per call
+// (fixed in clevis 22), which exhausts the TPM after a few calls.
+func (s *SWTPM) FlushAll(t testing.TB) {
+	t.Helper()
+	tools := testenv.Tools(t, "tpm2_flushcontext")
+	for _, flag := range []string{"-t", "-l", "-s"} {
+		cmd := exec.Command(tools["tpm2_flushcontext"], flag)
+		cmd.Env = append(os.Environ(), s.Env()...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("tpm2_flushcontext %s: %v: %s", flag, err, out)
+		}
+	}
+}
+
+func (s *SWTPM) start(t testing.TB) {
+	t.Helper()
+	var lastErr error
+	// Another process may grab a port between our probe and swtpm's bind;
+	// try a few port pairs before giving up.
+	for attempt := 0; attempt < 5; attempt++ {
+		port, err := freePortPair()
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		if err := s.launch(port); err != nil {
+			lastErr = err
+			continue
+		}
+		return
+	}
+	t.Fatalf("starting swtpm: %v", lastErr)
+}
+
+func (s *SWTPM) launch(port int) error {
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	logFile := filepath.Join(s.StateDir, "swtpm.log")
+	cmd := exec.Command(s.bin, "socket", "--tpm2",
+		"--server", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port),
+		"--ctrl", fmt.Sprintf("type=tcp,port=%d,bindaddr=127.0.0.1", port+1),
+		"--flags", "startup-clear",
+		"--tpmstate", "dir="+s.StateDir,
+		"--log", "file="+logFile)
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("exec swtpm: %w", err)
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case <-done:
+			log, _ := os.ReadFile(logFile)
+			return fmt.Errorf("swtpm exited during start-up: %s", log)
+		default:
+		}
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err == nil {
+			_ = c.Close()
+			s.cmd, s.done = cmd, done
+			s.Spec = tpm.Spec{Kind: tpm.KindSWTPM, Addr: addr}
+			s.TCTI = fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", port)
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	_ = cmd.Process.Kill()
+	<-done
+	return fmt.Errorf("swtpm did not listen on %s within 10s", addr)
+}
+
+func (s *SWTPM) stop() {
+	if s.cmd == nil {
+		return
+	}
+	_ = s.cmd.Process.Kill()
+	<-s.done
+	s.cmd = nil
+}
+
+// freePortPair finds P such that P and P+1 are free on 127.0.0.1 (swtpm
+// wants its control port next to the server port by convention here).
+func freePortPair() (int, error) {
+	for i := 0; i < 20; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		l2, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port+1)))
+		_ = l.Close()
+		if err != nil || port+1 > 65535 {
+			continue
+		}
+		_ = l2.Close()
+		return port, nil
+	}
+	return 0, fmt.Errorf("no two consecutive free ports found on 127.0.0.1")
+}
+
+// Open is a shortcut for tests that talk to the TPM directly.
+func (s *SWTPM) Open(t testing.TB) interface {
+	Send([]byte) ([]byte, error)
+	Close() error
+} {
+	t.Helper()
+	tp, err := s.Spec.Open(context.Background())
+	if err != nil {
+		t.Fatalf("opening swtpm: %v", err)
+	}
+	t.Cleanup(func() { _ = tp.Close() })
+	return tp
+}
