@@ -1,0 +1,59 @@
+package blockdev
+
+import (
+	"fmt"
+	"io"
+	"os"
+)
+
+// Regions Wipe zeroes. The head covers every signature ProbeMagic knows,
+// including the last LUKS2 secondary-header position (4 MiB) and a default
+// LUKS2 header plus keyslot area; the tail covers the GPT backup header and
+// the md 0.90/1.0 superblocks.
+const (
+	wipeHead = 16 << 20
+	wipeTail = 1 << 20
+)
+
+// Wipe zeroes the start and the end of path so that no signature survives,
+// then flushes. It does not touch the middle of the device: old data
+// there is unreadable without the old metadata, and zeroing a whole disk
+// would take hours.
+func Wipe(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("opening %s to wipe it: %w", path, err)
+	}
+	defer f.Close()
+	size, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return fmt.Errorf("sizing %s: %w", path, err)
+	}
+	if err := ZeroRange(f, 0, min(size, wipeHead)); err != nil {
+		return err
+	}
+	if size > wipeHead {
+		start := max(wipeHead, size-wipeTail)
+		if err := ZeroRange(f, start, size-start); err != nil {
+			return err
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("flushing %s: %w", path, err)
+	}
+	return nil
+}
+
+// ZeroRange writes n zero bytes at off.
+func ZeroRange(f *os.File, off, n int64) error {
+	buf := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		chunk := min(n, int64(len(buf)))
+		if _, err := f.WriteAt(buf[:chunk], off); err != nil {
+			return fmt.Errorf("zeroing %s at %d: %w", f.Name(), off, err)
+		}
+		off += chunk
+		n -= chunk
+	}
+	return nil
+}
