@@ -70,33 +70,37 @@ func diagnostics(kind string, paths run.Paths, tools []string) string {
 	return b.String()
 }
 
-// Deps are the real or fake edges the handlers use.
+// Deps are the real or fake edges the handlers use. Each capability keeps
+// its own dependencies in its own struct, defined beside its handlers.
 type Deps struct {
-	Paths run.Paths
+	Paths    run.Paths
+	SR       SRDeps
+	Volumes  VolumeDeps
+	Datapath DatapathDeps
 }
 
 // VolumeTable is the volume plugin's method table.
 func VolumeTable(d Deps) smapi.Table {
-	return smapi.VolumeIDL().With(
+	return smapi.VolumeIDL().With(append(append(srMethods(d), volumeMethods(d)...),
 		smapi.Handle("Plugin.Query", smapi.ResultQuery, func(context.Context, smapi.DbgParams) (smapi.QueryResult, error) {
 			return VolumeQuery(), nil
 		}),
 		smapi.Handle("Plugin.diagnostics", smapi.ResultString, func(context.Context, smapi.DbgParams) (string, error) {
 			return diagnostics("volume", d.Paths, []string{"cryptsetup", "mkfs.ext4", "e2fsck", "mount", "umount", "blkid"}), nil
 		}),
-	)
+	)...)
 }
 
 // DatapathTable is the datapath plugin's method table.
 func DatapathTable(d Deps) smapi.Table {
-	return smapi.DatapathIDL().With(
+	return smapi.DatapathIDL().With(append(datapathMethods(d),
 		smapi.Handle("Plugin.Query", smapi.ResultQuery, func(context.Context, smapi.DbgParams) (smapi.QueryResult, error) {
 			return DatapathQuery(), nil
 		}),
 		smapi.Handle("Plugin.diagnostics", smapi.ResultString, func(context.Context, smapi.DbgParams) (string, error) {
 			return diagnostics("datapath", d.Paths, []string{"tap-ctl"}), nil
 		}),
-	)
+	)...)
 }
 
 // Classify maps this SR type's domain errors to SMAPIv3 kinds. It is the
