@@ -215,7 +215,7 @@ func (c *Client) decryptTang(ctx context.Context, j *jose.JWE, h tangHeader) (se
 	kx, _ := jose.SubPoints(curve, yx, yy, zx, zy)
 	z := jose.FieldBytes(curve, kx)
 	defer wipe(z)
-	cek := jose.ConcatKDF(z)
+	cek := jose.DirectKDF(z)
 	defer wipe(cek)
 	pt, err := j.Open(cek)
 	if err != nil {

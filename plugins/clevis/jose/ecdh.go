@@ -10,11 +10,11 @@ import (
 	"math/big"
 )
 
-// ConcatKDF derives a 32-byte A256GCM key from an ECDH shared secret z as
-// RFC 7518 §4.6 does for direct key agreement: AlgorithmID = "A256GCM"
-// (the enc value), empty PartyUInfo/PartyVInfo (clevis sends no apu/apv),
-// SuppPubInfo = 256 bits. One SHA-256 round suffices for 32 bytes.
-func ConcatKDF(z []byte) []byte {
+// ConcatKDF derives a key from an ECDH shared secret z as RFC 7518 §4.6
+// does (NIST SP 800-56A Concat KDF with SHA-256). For clevis' direct key
+// agreement alg is the enc value "A256GCM", apu/apv are empty (clevis sends
+// none) and keyBits is 256. Key lengths up to 256 bits need one round.
+func ConcatKDF(z []byte, alg string, apu, apv []byte, keyBits int) []byte {
 	h := sha256.New()
 	var n [4]byte
 	binary.BigEndian.PutUint32(n[:], 1)
@@ -25,13 +25,16 @@ func ConcatKDF(z []byte) []byte {
 		h.Write(n[:])
 		h.Write(b)
 	}
-	lp([]byte(EncA256GCM))
-	lp(nil)
-	lp(nil)
-	binary.BigEndian.PutUint32(n[:], 256)
+	lp([]byte(alg))
+	lp(apu)
+	lp(apv)
+	binary.BigEndian.PutUint32(n[:], uint32(keyBits))
 	h.Write(n[:])
-	return h.Sum(nil)
+	return h.Sum(nil)[:keyBits/8]
 }
+
+// DirectKDF is ConcatKDF as clevis uses it for ECDH-ES + A256GCM.
+func DirectKDF(z []byte) []byte { return ConcatKDF(z, EncA256GCM, nil, nil, 256) }
 
 // ECDHESKey performs the sender side of ECDH-ES to recipient: it returns
 // the ephemeral public JWK (the "epk" header) and the derived content key.
@@ -53,7 +56,7 @@ func ECDHESKey(recipient JWK) (JWK, []byte, error) {
 	if err != nil {
 		return JWK{}, nil, err
 	}
-	return epk, ConcatKDF(z), nil
+	return epk, DirectKDF(z), nil
 }
 
 func jwkFromECDH(p *ecdh.PublicKey, crv string) (JWK, error) {
