@@ -1,0 +1,116 @@
+// Package xapitest is an in-memory XenAPI server speaking JSON-RPC 2.0 on a
+// unix socket, with just the calls the plugin makes (session login/logout,
+// secret get_by_uuid/get_value/destroy), so secret resolution is tested
+// over the real wire protocol.
+package xapitest
+
+import (
+	"encoding/json"
+	"net"
+	"net/http"
+	"sync"
+)
+
+// Server holds secrets by uuid. Values live only in memory.
+type Server struct {
+	mu      sync.Mutex
+	secrets map[string]string
+	calls   []string
+	srv     *http.Server
+	ln      net.Listener
+}
+
+// New starts a server on socket with the given uuid → value secrets.
+func New(socket string, secrets map[string]string) (*Server, error) {
+	ln, err := net.Listen("unix", socket)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{secrets: map[string]string{}, ln: ln}
+	for k, v := range secrets {
+		s.secrets[k] = v
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/jsonrpc", s.handle)
+	s.srv = &http.Server{Handler: mux}
+	go func() { _ = s.srv.Serve(ln) }()
+	return s, nil
+}
+
+// Close stops the server.
+func (s *Server) Close() error { return s.srv.Close() }
+
+// Has reports whether the secret uuid still exists.
+func (s *Server) Has(uuid string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.secrets[uuid]
+	return ok
+}
+
+// Calls lists the method names received.
+func (s *Server) Calls() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.calls...)
+}
+
+type request struct {
+	Method string            `json:"method"`
+	Params []json.RawMessage `json:"params"`
+	ID     any               `json:"id"`
+}
+
+func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
+	var req request
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		http.Error(w, "bad request", http.StatusInternalServerError)
+		return
+	}
+	str := func(i int) string {
+		var v string
+		if i < len(req.Params) {
+			_ = json.Unmarshal(req.Params[i], &v)
+		}
+		return v
+	}
+	s.mu.Lock()
+	s.calls = append(s.calls, req.Method)
+	var result any
+	var fail []string
+	switch req.Method {
+	case "session.login_with_password":
+		result = "OpaqueRef:session-1"
+	case "session.logout":
+		result = ""
+	case "secret.get_by_uuid":
+		if _, ok := s.secrets[str(1)]; ok {
+			result = "OpaqueRef:secret-" + str(1)
+		} else {
+			fail = []string{"UUID_INVALID", "secret", str(1)}
+		}
+	case "secret.get_value", "secret.destroy":
+		uuid := str(1)[len("OpaqueRef:secret-"):]
+		v, ok := s.secrets[uuid]
+		switch {
+		case !ok:
+			fail = []string{"HANDLE_INVALID", "secret", str(1)}
+		case req.Method == "secret.get_value":
+			result = v
+		default:
+			delete(s.secrets, uuid)
+			result = ""
+		}
+	default:
+		fail = []string{"MESSAGE_METHOD_UNKNOWN", req.Method}
+	}
+	s.mu.Unlock()
+	resp := map[string]any{"jsonrpc": "2.0", "id": req.ID}
+	if fail != nil {
+		resp["error"] = map[string]any{"code": 1, "message": fail[0], "data": fail[1:]}
+	} else {
+		resp["result"] = result
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(resp)
+}
