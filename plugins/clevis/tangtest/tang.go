@@ -35,7 +35,15 @@ type Server struct {
 // Start makes keys and serves them.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	s := &Server{KeyDir: t.TempDir(), tools: testenv.Tools(t, "socat", "tangd", "tangd-keygen", "jose")}
+	tools := testenv.Tools(t, "socat", "tangd", "tangd-keygen", "jose")
+	// Not t.TempDir(): the path goes into a socat address, where commas and
+	// colons from a subtest name would be parsed as syntax.
+	dir, err := os.MkdirTemp("", "luksext-tang-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	s := &Server{KeyDir: dir, tools: tools}
 	if out, err := exec.Command(s.tools["tangd-keygen"], s.KeyDir).CombinedOutput(); err != nil {
 		t.Fatalf("tangd-keygen: %v: %s", err, out)
 	}

@@ -37,7 +37,14 @@ type SWTPM struct {
 func Start(t testing.TB) *SWTPM {
 	t.Helper()
 	tools := testenv.Tools(t, "swtpm")
-	s := &SWTPM{StateDir: t.TempDir(), bin: tools["swtpm"]}
+	// Not t.TempDir(): its path contains the test name, and swtpm's
+	// comma-separated options cannot carry a subtest name with commas.
+	dir, err := os.MkdirTemp("", "luksext-swtpm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	s := &SWTPM{StateDir: dir, bin: tools["swtpm"]}
 	s.start(t)
 	t.Cleanup(s.stop)
 	return s
