@@ -316,6 +316,9 @@ func (c *Client) decryptTPM2(ctx context.Context, j *jose.JWE, h tpm2Header) (se
 	if err1 != nil || err2 != nil {
 		return secret.Bytes{}, fmt.Errorf("%w: tpm2 header jwk_pub/jwk_priv are not TPM2B structures", ErrMalformed)
 	}
+	if contents, err := pub.Contents(); err != nil || contents.Type != tpm2.TPMAlgKeyedHash {
+		return secret.Bytes{}, fmt.Errorf("%w: tpm2 header jwk_pub is not a sealed data object", ErrMalformed)
+	}
 
 	t, err := c.openTPM(ctx)
 	if err != nil {
