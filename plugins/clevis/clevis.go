@@ -174,6 +174,14 @@ func sealDir(h clevisHeader, cek, pt []byte, extra func(*jose.Header)) (*jose.JW
 	return jose.Seal(hdr, cek, pt)
 }
 
+// log tolerates a Client built as a literal without a logger.
+func (c *Client) log() logrus.FieldLogger {
+	if c.Log == nil {
+		return logrus.StandardLogger()
+	}
+	return c.Log
+}
+
 func wipe(b []byte) {
 	for i := range b {
 		b[i] = 0

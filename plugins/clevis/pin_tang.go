@@ -144,7 +144,7 @@ func (c *Client) encryptTang(ctx context.Context, cfg TangConfig, pt []byte) (*j
 	if err != nil {
 		return nil, err
 	}
-	c.Log.WithFields(map[string]any{"pin": PinTang, "url": cfg.URL, "kid": kid}).Debug("bound a key to a Tang server")
+	c.log().WithFields(map[string]any{"pin": PinTang, "url": cfg.URL, "kid": kid}).Debug("bound a key to a Tang server")
 	return jose.Seal(jose.Header{Alg: jose.AlgECDHES, Clevis: ch, EPK: &epk, Kid: kid}, cek, pt)
 }
 

@@ -242,7 +242,7 @@ func (c *Client) encryptTPM2(ctx context.Context, cfg TPM2Config, pt []byte) (*j
 	if len(cfg.PCRIDs) > 0 {
 		h.PCRBank, h.PCRIDs = cfg.PCRBank, cfg.PCRIDs
 	}
-	c.Log.WithFields(map[string]any{"pin": PinTPM2, "key": cfg.Key, "pcr_bank": h.PCRBank, "pcr_ids": h.PCRIDs.String()}).Debug("sealed a key to the TPM")
+	c.log().WithFields(map[string]any{"pin": PinTPM2, "key": cfg.Key, "pcr_bank": h.PCRBank, "pcr_ids": h.PCRIDs.String()}).Debug("sealed a key to the TPM")
 	return sealDir(clevisHeader{Pin: PinTPM2, TPM2: &h}, cek.Expose(), pt, nil)
 }
 

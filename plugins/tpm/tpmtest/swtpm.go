@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-tpm/tpm2/transport"
+
 	"github.com/luksext/luksext/plugins/tpm"
 	"github.com/luksext/luksext/tests/testenv"
 )
@@ -166,10 +168,7 @@ func freePortPair() (int, error) {
 }
 
 // Open is a shortcut for tests that talk to the TPM directly.
-func (s *SWTPM) Open(t testing.TB) interface {
-	Send([]byte) ([]byte, error)
-	Close() error
-} {
+func (s *SWTPM) Open(t testing.TB) transport.TPMCloser {
 	t.Helper()
 	tp, err := s.Spec.Open(context.Background())
 	if err != nil {
