@@ -11,14 +11,13 @@ import (
 	"strings"
 
 	"github.com/luksext/luksext/plugins/logging"
-	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/sr-types/luksext"
 )
 
 func main() {
 	log := logging.New(logging.Options{Plugin: "datapath", Syslog: true})
-	table := luksext.DatapathTable(luksext.Deps{Paths: run.DefaultPaths})
+	table := luksext.DatapathTable(luksext.RealDeps(log))
 	if len(os.Args) > 1 && os.Args[1] == "--list-methods" {
 		fmt.Println(strings.Join(table.Names(), "\n"))
 		return

@@ -2,9 +2,15 @@ package luksext
 
 import (
 	"errors"
+	"syscall"
 
+	"github.com/luksext/luksext/plugins/blockdev"
+	"github.com/luksext/luksext/plugins/clevis"
+	"github.com/luksext/luksext/plugins/fs"
+	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/smapi"
+	"github.com/luksext/luksext/plugins/xapi"
 )
 
 type classification struct {
@@ -14,8 +20,29 @@ type classification struct {
 
 func is(target error) func(error) bool { return func(err error) bool { return errors.Is(err, target) } }
 
-// classifications maps domain sentinels to kinds, most specific first.
-// Later layers (luks, clevis, tpm, volumes) add their rows here.
+// classifications maps domain sentinels to kinds, most specific first. An
+// error that is already an *smapi.Error keeps its own kind; everything
+// else not matched here becomes Internal_error.
 var classifications = []classification{
 	{smapi.KindToolMissing, is(run.ErrToolMissing)},
+	{smapi.KindNoSpace, is(syscall.ENOSPC)},
+	{smapi.KindDeviceNotBlank, is(blockdev.ErrSignaturePresent)},
+	{smapi.KindDeviceNotFound, is(luks.ErrDeviceNotFound)},
+	{smapi.KindDeviceNotFound, is(blockdev.ErrDeviceNotFound)},
+	{smapi.KindWrongPassphrase, is(luks.ErrWrongPassphrase)},
+	{smapi.KindInUse, is(luks.ErrBusy)},
+	{smapi.KindInUse, is(fs.ErrBusy)},
+	{smapi.KindNeedsAttention, is(fs.ErrCorrupt)},
+	{smapi.KindNoSpace, is(luks.ErrNoSpace)},
+	{smapi.KindTPMUnavailable, is(clevis.ErrTPMAbsent)},
+	{smapi.KindTPMUnavailable, is(clevis.ErrTPMLockout)},
+	{smapi.KindKeyUnavailable, is(clevis.ErrPCRMismatch)},
+	{smapi.KindKeyUnavailable, is(clevis.ErrWrongTPM)},
+	{smapi.KindKeyUnavailable, is(clevis.ErrTangUnreachable)},
+	{smapi.KindKeyUnavailable, is(clevis.ErrTangKeyUnknown)},
+	{smapi.KindKeyUnavailable, is(clevis.ErrThresholdNotMet)},
+	{smapi.KindInvalidConfiguration, is(clevis.ErrThumbprintMismatch)},
+	{smapi.KindInvalidConfiguration, is(clevis.ErrInvalidConfig)},
+	{smapi.KindInvalidConfiguration, is(xapi.ErrSecretNotFound)},
+	{smapi.KindInternal, is(xapi.ErrUnreachable)},
 }

@@ -21,6 +21,7 @@ type SRMeta struct {
 	Name        string `json:"name"`
 	Description string `json:"description"`
 	LUKSUUID    string `json:"luks_uuid"`
+	Device      string `json:"device"`
 }
 
 // readSRMeta reads the SR record of the SR mounted at sr, or fails with

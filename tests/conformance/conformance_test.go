@@ -14,13 +14,16 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/luksext/luksext/plugins/logging"
-	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/smapi/smapitest"
 	"github.com/luksext/luksext/sr-types/luksext"
 )
 
-func deps() luksext.Deps { return luksext.Deps{Paths: run.DefaultPaths} }
+// deps are the real ones: the placeholder calls of the suite name nothing
+// that exists, so they reach no disk, TPM or xapi.
+func deps() luksext.Deps {
+	return luksext.RealDeps(logging.New(logging.Options{Plugin: "test", Stderr: os.Stderr, Level: "warn"}))
+}
 
 func TestInProcessVolume(t *testing.T) {
 	table := luksext.VolumeTable(deps())

@@ -202,7 +202,7 @@ func placeholderParams(p any) map[string]any {
 			out[k] = 0
 		case bool:
 			out[k] = false
-		case map[string]any:
+		case map[string]any, nil: // a nil map in the zero record
 			out[k] = map[string]any{}
 		default:
 			out[k] = v

@@ -1,0 +1,41 @@
+package luksext
+
+import (
+	"os"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/luksext/luksext/plugins/blockdev"
+	"github.com/luksext/luksext/plugins/clevis"
+	"github.com/luksext/luksext/plugins/fs"
+	"github.com/luksext/luksext/plugins/luks"
+	"github.com/luksext/luksext/plugins/run"
+	"github.com/luksext/luksext/plugins/tpm"
+	"github.com/luksext/luksext/plugins/xapi"
+)
+
+// XAPISocketEnv overrides xapi's local socket (tests run a fake XenAPI).
+const XAPISocketEnv = "LUKSEXT_XAPI_SOCKET"
+
+// RealDeps builds the host's real dependencies. It is the one place that
+// reads the environment: LUKSEXT_TPM (plugins/tpm: which TPM) and
+// LUKSEXT_XAPI_SOCKET.
+func RealDeps(log logrus.FieldLogger) Deps {
+	runner := run.NewExec(log)
+	spec, err := tpm.SpecFromEnv()
+	if err != nil {
+		log.WithError(err).Warn("ignoring " + tpm.EnvVar + "; using the host TPM")
+		spec = tpm.Spec{Kind: tpm.KindDevice}
+	}
+	return Deps{
+		Paths: run.DefaultPaths,
+		SR: SRDeps{
+			LUKS:    luks.New(runner, log),
+			Keys:    clevis.New(spec, log),
+			Secrets: xapi.New(os.Getenv(XAPISocketEnv), 30*time.Second),
+			FS:      fs.New(runner),
+			Probe:   blockdev.Prober{Run: runner},
+		},
+	}
+}

@@ -1,0 +1,197 @@
+package luksext
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/luksext/luksext/plugins/luks"
+	"github.com/luksext/luksext/plugins/smapi"
+)
+
+// attach opens and mounts the SR described by the PBD's device-config (the
+// configuration SR.create returned) and returns its mountpoint. It runs at
+// every host boot with nobody at the console, so the key comes from the
+// TPM/Tang bindings; it is idempotent (already mounted: same answer).
+func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string, error) {
+	srUUID := p.Configuration[KeySRUUID]
+	if !validUUID(srUUID) {
+		return "", smapi.Errorf(smapi.KindInvalidConfiguration, "device-config:%s is missing or not a uuid; it is written by SR.create (use xe sr-probe-ext type=%s to find it)", KeySRUUID, PluginName)
+	}
+	log := smapi.Logger(ctx).WithField("sr_uuid", srUUID)
+	unlock, err := s.lockSR(ctx, srUUID)
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+
+	mnt := s.mountpoint(srUUID)
+	if _, ok, err := s.FS.MountedAt(mnt); err != nil {
+		return "", err
+	} else if ok {
+		if m, err := readSRMeta(mnt); err == nil && m.UUID == srUUID {
+			log.Info("SR already attached")
+			return mnt, nil
+		}
+		return "", smapi.Errorf(smapi.KindInUse, "%s is mounted but is not SR %s; unmount it first", mnt, srUUID)
+	}
+
+	dev, err := s.findDevice(p.Configuration)
+	if err != nil {
+		return "", err
+	}
+	if md, ok, _ := s.LUKS.ReadMetadata(dev); ok && (md.SRUUID != srUUID || md.State != stateReady) {
+		if md.SRUUID != srUUID {
+			return "", smapi.Errorf(smapi.KindSRDoesNotExist, "%s holds SR %s, not %s", dev, md.SRUUID, srUUID)
+		}
+		return "", smapi.Errorf(smapi.KindNeedsAttention, "SR %s on %s was never finished (SR.create was interrupted); run xe sr-create again or destroy it", srUUID, dev)
+	}
+
+	name := luks.SRName(srUUID)
+	var fallback *recoverySource
+	if fb, _ := parseBool(p.Configuration, KeyRecoveryFallback); fb {
+		fallback = &recoverySource{SecretUUID: p.Configuration[KeyRecoveryPassword+secretSuffix], Plain: p.Configuration[KeyRecoveryPassword]}
+	}
+	if err := s.unlockDevice(ctx, dev, name, fallback); err != nil {
+		return "", err
+	}
+	mapper := s.LUKS.MapperPath(name)
+	repaired, err := s.FS.Fsck(ctx, mapper)
+	if err != nil {
+		return "", smapi.Wrap(smapi.KindNeedsAttention, err)
+	}
+	if repaired {
+		log.Warn("e2fsck repaired the SR filesystem (was the host reset while the SR was attached?)")
+	}
+	if err := s.FS.Mount(ctx, mapper, mnt); err != nil {
+		return "", err
+	}
+	meta, err := readSRMeta(mnt)
+	if err != nil || meta.UUID != srUUID {
+		_ = s.FS.Unmount(context.WithoutCancel(ctx), mnt)
+		if err == nil {
+			err = smapi.Errorf(smapi.KindSRDoesNotExist, "the filesystem on %s belongs to SR %s, not %s", dev, meta.UUID, srUUID)
+		}
+		return "", err
+	}
+	if s.GC != nil {
+		if err := s.GC.Start(ctx, mnt); err != nil {
+			log.WithError(err).Warn("could not start the volume garbage collector")
+		}
+	}
+	log.WithField("mountpoint", mnt).Info("SR attached")
+	return mnt, nil
+}
+
+// findDevice locates the SR's disk: the stored path when it still carries
+// the SR's LUKS header, else the device whose LUKS UUID matches (disk
+// names and even by-id paths can change when a disk moves between ports).
+func (s *srService) findDevice(cfg map[string]string) (string, error) {
+	path, luksUUID := cfg[KeyDevice], cfg[KeyLUKSUUID]
+	if path != "" {
+		if info, err := s.LUKS.Inspect(path); err == nil && (luksUUID == "" || strings.EqualFold(info.UUID, luksUUID)) {
+			return path, nil
+		}
+	}
+	if luksUUID != "" {
+		if dev, err := s.LUKS.FindByUUID(luksUUID); err == nil {
+			return dev, nil
+		}
+	}
+	return "", smapi.Errorf(smapi.KindDeviceNotFound, "the SR's disk was not found: %s is absent or holds another header, and no disk has LUKS UUID %s (is the disk connected? ls -l /dev/disk/by-uuid)", orNone(path), orNone(luksUUID))
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "(none)"
+	}
+	return s
+}
+
+// srUUIDOf turns an sr handle (the mountpoint) into the SR uuid.
+func (s *srService) srUUIDOf(sr string) (string, error) {
+	u := filepath.Base(filepath.Clean(sr))
+	if filepath.Dir(filepath.Clean(sr)) != filepath.Clean(s.MountRoot) || !validUUID(u) {
+		return "", smapi.Errorf(smapi.KindSRNotAttached, "%q is not a luksext SR handle (%s/<sr uuid>)", sr, s.MountRoot)
+	}
+	return u, nil
+}
+
+// detach unmounts and closes. It never fails because something is already
+// gone; it fails only when the SR is still in use.
+func (s *srService) detach(ctx context.Context, p smapi.SRParams) (smapi.Unit, error) {
+	srUUID, err := s.srUUIDOf(p.SR)
+	if err != nil {
+		return smapi.Unit{}, err
+	}
+	unlock, err := s.lockSR(ctx, srUUID)
+	if err != nil {
+		return smapi.Unit{}, err
+	}
+	defer unlock()
+	return smapi.Unit{}, s.teardown(ctx, srUUID)
+}
+
+func (s *srService) teardown(ctx context.Context, srUUID string) error {
+	mnt := s.mountpoint(srUUID)
+	if s.GC != nil {
+		if err := s.GC.Stop(ctx, mnt); err != nil {
+			smapi.Logger(ctx).WithError(err).Warn("stopping the volume garbage collector")
+		}
+	}
+	if err := s.FS.Unmount(ctx, mnt); err != nil {
+		return smapi.Wrap(smapi.KindInUse, fmt.Errorf("%w (a VM disk or a shell may still use the SR: fuser -vm %s)", err, mnt))
+	}
+	if err := s.LUKS.Close(ctx, luks.SRName(srUUID)); err != nil {
+		return err
+	}
+	smapi.Logger(ctx).WithField("sr_uuid", srUUID).Info("SR detached")
+	return nil
+}
+
+// destroy crypto-erases the SR. xapi calls it on an attached SR and does
+// not detach afterwards, so it tears everything down itself. It refuses
+// while volumes are in use by VMs.
+func (s *srService) destroy(ctx context.Context, p smapi.SRParams) (smapi.Unit, error) {
+	srUUID, err := s.srUUIDOf(p.SR)
+	if err != nil {
+		return smapi.Unit{}, err
+	}
+	unlock, err := s.lockSR(ctx, srUUID)
+	if err != nil {
+		return smapi.Unit{}, err
+	}
+	defer unlock()
+	mnt := s.mountpoint(srUUID)
+	meta, err := readSRMeta(mnt)
+	if err != nil {
+		return smapi.Unit{}, err
+	}
+	if inUse, err := s.volumesInUse(mnt); err != nil {
+		return smapi.Unit{}, err
+	} else if len(inUse) > 0 {
+		return smapi.Unit{}, smapi.Errorf(smapi.KindInUse, "SR %s still has volumes attached to VMs (%s); shut the VMs down or detach the disks first", srUUID, strings.Join(inUse, ", "))
+	}
+	dev, err := s.findDevice(map[string]string{KeyDevice: meta.Device, KeyLUKSUUID: meta.LUKSUUID})
+	if err != nil {
+		return smapi.Unit{}, err
+	}
+	if err := s.teardown(ctx, srUUID); err != nil {
+		return smapi.Unit{}, err
+	}
+	if err := s.LUKS.Erase(ctx, dev); err != nil {
+		return smapi.Unit{}, fmt.Errorf("erasing the LUKS header of %s: %w", dev, err)
+	}
+	smapi.Logger(ctx).WithFields(map[string]any{"sr_uuid": srUUID, "dev": dev}).Info("SR destroyed: every keyslot and the header area are erased")
+	return smapi.Unit{}, nil
+}
+
+// volumesInUse lists volumes of the SR that a datapath has active. The
+// datapath keeps one state file per attached volume under its state dir.
+func (s *srService) volumesInUse(mnt string) ([]string, error) {
+	if s.InUse == nil {
+		return nil, nil
+	}
+	return s.InUse(mnt)
+}
