@@ -5,6 +5,7 @@
 #   lint      gofmt + go vet
 #   bench     figures side by side with the reference tools, as ratios
 #   demo      build, then create/attach/use/detach an encrypted SR in a VM with a vTPM
+#   rpm       binary + source RPM (xcp-ng.spec) in build/rpm, offline once `go mod download` ran
 GO       ?= go
 DESTDIR  ?=
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
@@ -15,7 +16,7 @@ TESTTIMEOUT ?= 85m
 export CGO_ENABLED := 0
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: build install test lint bench demo clean
+.PHONY: build install test lint bench demo clean rpm
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/volume ./volume
@@ -36,6 +37,11 @@ bench: build
 
 demo: build
 	$(GO) run ./tests/vm/cmd/vmrun -tpm -disks 64M -script tests/demo/demo.sh
+
+# RPM_FROM=HEAD packs `git archive HEAD` instead of the working tree's tracked files.
+RPMDIR   ?= build/rpm
+rpm:
+	packaging/build-rpm.sh '$(RPMDIR)'
 
 clean:
 	rm -rf build
