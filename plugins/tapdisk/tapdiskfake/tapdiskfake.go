@@ -1,0 +1,280 @@
+// Package tapdiskfake is an in-memory model of blktap behind tap-ctl, for
+// unit tests through runfake: it keeps tapdisks and minors, enforces the
+// order real blktap enforces (attach needs an allocated minor, free needs
+// a detached one, ...), prints what tap-ctl prints when stdout is a pipe,
+// and can simulate a crash of the caller right before or right after any
+// command. The out-of-process fake used in VMs is tests/fakes/tapctl.
+package tapdiskfake
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/luksext/luksext/plugins/run"
+	"github.com/luksext/luksext/plugins/run/runfake"
+	"github.com/luksext/luksext/plugins/tapdisk"
+)
+
+// Minor is one allocated blktap minor.
+type Minor struct {
+	PID      int // 0: not attached
+	Type     string
+	Path     string // "": no image open
+	ReadOnly bool
+}
+
+// Crash says when a command should report failure: Before (nothing done)
+// or After (done, but the caller never learns it: as if it died).
+type Crash struct {
+	Command string
+	After   bool
+}
+
+// ErrCrash is what a simulated crash returns.
+var ErrCrash = errors.New("simulated crash")
+
+// Blktap is the model.
+type Blktap struct {
+	mu       sync.Mutex
+	nextPID  int
+	tapdisks map[int]bool
+	minors   map[int]*Minor
+	crashes  []Crash
+}
+
+// New returns an empty model, registered as tap-ctl on r.
+func New(r *runfake.Runner) *Blktap {
+	b := &Blktap{nextPID: 1000, tapdisks: map[int]bool{}, minors: map[int]*Minor{}}
+	r.Handle(tapdisk.Tool, b.handle)
+	return b
+}
+
+// CrashOnce makes the next matching command fail as c describes.
+func (b *Blktap) CrashOnce(c Crash) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.crashes = append(b.crashes, c)
+}
+
+// PendingCrashes is how many CrashOnce calls have not fired yet.
+func (b *Blktap) PendingCrashes() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.crashes)
+}
+
+// Tapdisks returns the running tapdisks' pids, sorted.
+func (b *Blktap) Tapdisks() []int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []int
+	for p := range b.tapdisks {
+		out = append(out, p)
+	}
+	sort.Ints(out)
+	return out
+}
+
+// Minors returns a copy of the allocated minors.
+func (b *Blktap) Minors() map[int]Minor {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := map[int]Minor{}
+	for n, m := range b.minors {
+		out[n] = *m
+	}
+	return out
+}
+
+// KillTapdisk simulates a tapdisk crash: the process and its attachments
+// vanish, the minors stay allocated (as with the kernel driver).
+func (b *Blktap) KillTapdisk(pid int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	delete(b.tapdisks, pid)
+	for _, m := range b.minors {
+		if m.PID == pid {
+			*m = Minor{}
+		}
+	}
+}
+
+func errno(code int, msg string, c runfake.Call) error {
+	return &run.CommandError{Path: "/usr/sbin/tap-ctl", Args: c.Args, ExitCode: code, Stderr: msg}
+}
+
+func (b *Blktap) handle(c runfake.Call) (run.Result, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(c.Args) == 0 {
+		return run.Result{}, errno(22, "usage", c)
+	}
+	cmd := c.Args[0]
+	var after bool
+	for i, cr := range b.crashes {
+		if cr.Command == cmd {
+			b.crashes = append(b.crashes[:i], b.crashes[i+1:]...)
+			if !cr.After {
+				return run.Result{}, fmt.Errorf("tap-ctl %s: %w", cmd, ErrCrash)
+			}
+			after = true
+			break
+		}
+	}
+	res, err := b.do(cmd, flags(c.Args[1:]), c)
+	if after && err == nil {
+		return run.Result{}, fmt.Errorf("tap-ctl %s (done): %w", cmd, ErrCrash)
+	}
+	return res, err
+}
+
+func flags(args []string) map[string]string {
+	f := map[string]string{}
+	for i := 0; i < len(args); i++ {
+		if strings.HasPrefix(args[i], "-") {
+			if i+1 < len(args) && !strings.HasPrefix(args[i+1], "-") {
+				f[args[i]] = args[i+1]
+				i++
+			} else {
+				f[args[i]] = ""
+			}
+		}
+	}
+	return f
+}
+
+func (b *Blktap) do(cmd string, f map[string]string, c runfake.Call) (run.Result, error) {
+	pid, _ := strconv.Atoi(f["-p"])
+	minor, hasMinor := -1, false
+	if v, ok := f["-m"]; ok {
+		minor, _ = strconv.Atoi(v)
+		hasMinor = true
+	}
+	m := b.minors[minor]
+	switch cmd {
+	case "spawn":
+		b.nextPID++
+		b.tapdisks[b.nextPID] = true
+		return out(fmt.Sprintf("%d\n", b.nextPID)), nil
+	case "allocate":
+		n := 0
+		for b.minors[n] != nil {
+			n++
+		}
+		b.minors[n] = &Minor{}
+		return out(tapdisk.DevicePath(n) + "\n"), nil
+	case "list":
+		return out(b.list()), nil
+	}
+	if !hasMinor {
+		return run.Result{}, errno(22, "usage", c)
+	}
+	switch cmd {
+	case "free":
+		if m == nil {
+			return run.Result{}, errno(2, "No such file or directory", c)
+		}
+		if m.PID != 0 {
+			return run.Result{}, errno(16, "Device or resource busy", c)
+		}
+		delete(b.minors, minor)
+		return out(""), nil
+	}
+	if !b.tapdisks[pid] {
+		// tap-ctl cannot connect to the tapdisk's control socket.
+		return run.Result{}, errno(2, "No such file or directory", c)
+	}
+	if m == nil {
+		return run.Result{}, errno(19, "No such device", c)
+	}
+	switch cmd {
+	case "attach":
+		if m.PID != 0 {
+			return run.Result{}, errno(16, "Device or resource busy", c)
+		}
+		m.PID = pid
+	case "open":
+		if m.PID != pid {
+			return run.Result{}, errno(22, "Invalid argument", c)
+		}
+		if m.Path != "" {
+			return run.Result{}, errno(16, "Device or resource busy", c)
+		}
+		typ, path, ok := strings.Cut(f["-a"], ":")
+		if !ok {
+			return run.Result{}, errno(22, "Invalid argument", c)
+		}
+		_, ro := f["-R"]
+		m.Type, m.Path, m.ReadOnly = typ, path, ro
+	case "close":
+		if m.PID != pid || m.Path == "" {
+			return run.Result{}, errno(22, "Invalid argument", c)
+		}
+		m.Type, m.Path, m.ReadOnly = "", "", false
+	case "detach":
+		if m.PID != pid {
+			return run.Result{}, errno(22, "Invalid argument", c)
+		}
+		if m.Path != "" {
+			return run.Result{}, errno(16, "Device or resource busy", c)
+		}
+		m.PID = 0
+		// Like tapdisk, exit once no device is left.
+		for _, other := range b.minors {
+			if other.PID == pid {
+				return out(""), nil
+			}
+		}
+		delete(b.tapdisks, pid)
+	default:
+		return run.Result{}, errno(22, "invalid COMMAND "+cmd, c)
+	}
+	return out(""), nil
+}
+
+func (b *Blktap) list() string {
+	var lines []string
+	seen := map[int]bool{}
+	var ns []int
+	for n := range b.minors {
+		ns = append(ns, n)
+	}
+	sort.Ints(ns)
+	for _, n := range ns {
+		m := b.minors[n]
+		switch {
+		case m.PID == 0:
+			lines = append(lines, fmt.Sprintf("minor=%d", n))
+		case m.Path == "":
+			lines = append(lines, fmt.Sprintf("pid=%d minor=%d state=0", m.PID, n))
+			seen[m.PID] = true
+		default:
+			lines = append(lines, fmt.Sprintf("pid=%d minor=%d state=0 args=%s:%s", m.PID, n, m.Type, m.Path))
+			seen[m.PID] = true
+		}
+	}
+	for _, p := range b.pidsLocked() {
+		if !seen[p] {
+			lines = append(lines, fmt.Sprintf("pid=%d", p))
+		}
+	}
+	if len(lines) == 0 {
+		return ""
+	}
+	return strings.Join(lines, "\n") + "\n"
+}
+
+func (b *Blktap) pidsLocked() []int {
+	var out []int
+	for p := range b.tapdisks {
+		out = append(out, p)
+	}
+	sort.Ints(out)
+	return out
+}
+
+func out(s string) run.Result { return run.Result{Stdout: []byte(s)} }
