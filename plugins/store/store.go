@@ -1,0 +1,215 @@
+// Package store is the SR-local metadata of a file-based SR: one small JSON
+// record per image file under <sr>/.luksext/nodes, each replaced
+// atomically. One record per file (rather than one database) keeps
+// Volume.stat to a single small read, lets parallel calls update different
+// volumes without rewriting a shared file, and survives kill -9 at any
+// point: a reader sees the old record or the new one, never a torn one.
+package store
+
+import (
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// MetaDir is the store's directory under the SR root. It starts with a
+// dot so that it is never mistaken for a volume.
+const MetaDir = ".luksext"
+
+// Schema is the version of the records written by this code.
+const Schema = 1
+
+// Errors a caller can act on.
+var (
+	// ErrNotFound: no record with that id.
+	ErrNotFound = errors.New("no such volume")
+	// ErrCorrupt: a record exists but cannot be read.
+	ErrCorrupt = errors.New("SR metadata record is damaged")
+	// ErrUnreadable: the SR's metadata directory cannot be read (the SR is
+	// not mounted, or the filesystem failed).
+	ErrUnreadable = errors.New("SR metadata cannot be read")
+)
+
+// Image formats (the file extension).
+const (
+	FormatVHD   = "vhd"
+	FormatQCOW2 = "qcow2"
+)
+
+// VDI is what xapi sees of a volume. A node without one is a hidden base
+// copy of the snapshot tree.
+type VDI struct {
+	Name        string            `json:"name"`
+	Description string            `json:"description"`
+	ReadWrite   bool              `json:"read_write"`
+	Sharable    bool              `json:"sharable"`
+	Keys        map[string]string `json:"keys"`
+}
+
+// Node is one image file of the SR: a VDI's leaf (VDI set; its id is the
+// volume key) or a hidden internal node (VDI nil).
+type Node struct {
+	Schema      int    `json:"schema"`
+	ID          string `json:"id"`
+	Format      string `json:"format"`
+	Parent      string `json:"parent,omitempty"`
+	VirtualSize int64  `json:"virtual_size"`
+	VDI         *VDI   `json:"vdi,omitempty"`
+}
+
+// File is the image file name of the node, relative to the SR root.
+func (n Node) File() string { return n.ID + "." + n.Format }
+
+// Store is the metadata of the SR mounted at SR.
+type Store struct {
+	SR string
+}
+
+// New returns the store of the SR at sr.
+func New(sr string) Store { return Store{SR: sr} }
+
+// Dir is <sr>/.luksext.
+func (s Store) Dir() string { return filepath.Join(s.SR, MetaDir) }
+
+func (s Store) nodesDir() string { return filepath.Join(s.Dir(), "nodes") }
+
+// Path returns a path under the store's directory.
+func (s Store) Path(elem ...string) string { return filepath.Join(append([]string{s.Dir()}, elem...)...) }
+
+// ImagePath is the absolute path of the node's image file.
+func (s Store) ImagePath(n Node) string { return filepath.Join(s.SR, n.File()) }
+
+func (s Store) recordPath(id string) string { return filepath.Join(s.nodesDir(), id+".json") }
+
+// ValidID rejects ids that could escape the SR directory or are not ours
+// (a volume key arrives from the caller).
+func ValidID(id string) bool {
+	if len(id) == 0 || len(id) > 64 {
+		return false
+	}
+	for _, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// Get reads one record.
+func (s Store) Get(id string) (Node, error) {
+	var n Node
+	if !ValidID(id) {
+		return n, fmt.Errorf("%q: %w", id, ErrNotFound)
+	}
+	b, err := os.ReadFile(s.recordPath(id))
+	if errors.Is(err, os.ErrNotExist) {
+		return n, fmt.Errorf("%s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return n, fmt.Errorf("reading record of %s: %w: %v", id, ErrUnreadable, err)
+	}
+	if err := json.Unmarshal(b, &n); err != nil || n.ID != id {
+		return n, fmt.Errorf("record %s: %w", s.recordPath(id), ErrCorrupt)
+	}
+	return n, nil
+}
+
+// Put writes (creates or replaces) a record atomically.
+func (s Store) Put(n Node) error {
+	if !ValidID(n.ID) {
+		return fmt.Errorf("BUG: invalid node id %q", n.ID)
+	}
+	n.Schema = Schema
+	b, err := json.Marshal(n)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(s.nodesDir(), 0o700); err != nil {
+		return err
+	}
+	return WriteFileAtomic(s.recordPath(n.ID), b, 0o600)
+}
+
+// Delete removes a record; deleting an absent record is not an error.
+func (s Store) Delete(id string) error {
+	err := os.Remove(s.recordPath(id))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return syncDir(s.nodesDir())
+}
+
+// List reads every record. It fails (never returns a partial or empty
+// list) when the directory or any record cannot be read: SR.ls is
+// authoritative, and xapi forgets VDIs missing from it.
+func (s Store) List() ([]Node, error) {
+	entries, err := os.ReadDir(s.nodesDir())
+	if errors.Is(err, os.ErrNotExist) {
+		// A fresh SR has no nodes directory yet; but an unmounted SR has no
+		// metadata directory at all, which is an error.
+		if _, derr := os.Stat(s.Dir()); derr != nil {
+			if _, serr := os.Stat(s.SR); serr != nil {
+				return nil, fmt.Errorf("%s: %w: %v", s.SR, ErrUnreadable, serr)
+			}
+		}
+		return []Node{}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w: %v", s.nodesDir(), ErrUnreadable, err)
+	}
+	out := make([]Node, 0, len(entries))
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasSuffix(name, ".json") || strings.HasPrefix(name, ".") {
+			continue
+		}
+		n, err := s.Get(strings.TrimSuffix(name, ".json"))
+		if errors.Is(err, ErrNotFound) {
+			continue // deleted between ReadDir and Get
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+// NewID returns a fresh random (version 4) UUID: volume keys, node ids.
+func NewID() string {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err) // crypto/rand never fails on Linux
+	}
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
+}
+
+// WriteJSON writes v as JSON to path atomically.
+func WriteJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	return WriteFileAtomic(path, append(b, '\n'), 0o600)
+}
+
+// ReadJSON reads path into v; os.ErrNotExist passes through.
+func ReadJSON(path string, v any) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("%s: %w", path, ErrCorrupt)
+	}
+	return nil
+}

@@ -1,0 +1,85 @@
+package store
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestPutGetListDelete(t *testing.T) {
+	s := New(t.TempDir())
+	l, err := s.List()
+	require.NoError(t, err)
+	assert.Empty(t, l)
+
+	id := NewID()
+	require.True(t, ValidID(id))
+	n := Node{ID: id, Format: FormatVHD, VirtualSize: 1 << 20, VDI: &VDI{Name: "d", Keys: map[string]string{"a": "b"}}}
+	require.NoError(t, s.Put(n))
+	got, err := s.Get(id)
+	require.NoError(t, err)
+	assert.Equal(t, "d", got.VDI.Name)
+	assert.Equal(t, Schema, got.Schema)
+	assert.Equal(t, filepath.Join(s.SR, id+".vhd"), s.ImagePath(got))
+
+	l, err = s.List()
+	require.NoError(t, err)
+	assert.Len(t, l, 1)
+
+	require.NoError(t, s.Delete(id))
+	require.NoError(t, s.Delete(id), "idempotent")
+	_, err = s.Get(id)
+	assert.ErrorIs(t, err, ErrNotFound)
+	_, err = s.Get("../../etc/passwd")
+	assert.ErrorIs(t, err, ErrNotFound, "keys cannot escape the SR")
+}
+
+func TestListFailsWhenSRIsGoneOrDamaged(t *testing.T) {
+	_, err := New(filepath.Join(t.TempDir(), "not-mounted")).List()
+	assert.ErrorIs(t, err, ErrUnreadable)
+
+	s := New(t.TempDir())
+	require.NoError(t, s.Put(Node{ID: "a1", Format: FormatVHD}))
+	require.NoError(t, os.WriteFile(filepath.Join(s.Dir(), "nodes", "b2.json"), []byte("{tor"), 0o600))
+	_, err = s.List()
+	assert.ErrorIs(t, err, ErrCorrupt, "one bad record fails the listing instead of hiding a VDI")
+}
+
+// The helper process rewrites records as fast as it can until killed.
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("STORE_TEST_WRITER"); dir != "" {
+		s := New(dir)
+		for i := 0; ; i++ {
+			for k := 0; k < 4; k++ {
+				_ = s.Put(Node{ID: fmt.Sprintf("n%d", k), Format: FormatVHD, VirtualSize: int64(i),
+					VDI: &VDI{Name: strings.Repeat("x", i%3000)}})
+			}
+		}
+	}
+	os.Exit(m.Run())
+}
+
+func TestRecordsSurviveKill9(t *testing.T) {
+	dir := t.TempDir()
+	for round := 0; round < 5; round++ {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), "STORE_TEST_WRITER="+dir)
+		require.NoError(t, cmd.Start())
+		time.Sleep(time.Duration(50+round*37) * time.Millisecond)
+		require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+		_ = cmd.Wait()
+		nodes, err := New(dir).List()
+		require.NoError(t, err, "round %d: every record readable after kill -9", round)
+		for _, n := range nodes {
+			assert.Len(t, n.VDI.Name, int(n.VirtualSize%3000), "record %s is internally consistent", n.ID)
+		}
+	}
+}
