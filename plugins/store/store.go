@@ -78,7 +78,9 @@ func (s Store) Dir() string { return filepath.Join(s.SR, MetaDir) }
 func (s Store) nodesDir() string { return filepath.Join(s.Dir(), "nodes") }
 
 // Path returns a path under the store's directory.
-func (s Store) Path(elem ...string) string { return filepath.Join(append([]string{s.Dir()}, elem...)...) }
+func (s Store) Path(elem ...string) string {
+	return filepath.Join(append([]string{s.Dir()}, elem...)...)
+}
 
 // ImagePath is the absolute path of the node's image file.
 func (s Store) ImagePath(n Node) string { return filepath.Join(s.SR, n.File()) }
