@@ -7,9 +7,13 @@ import (
 	"github.com/luksext/luksext/plugins/blockdev"
 	"github.com/luksext/luksext/plugins/clevis"
 	"github.com/luksext/luksext/plugins/fs"
+	"github.com/luksext/luksext/plugins/image"
+	"github.com/luksext/luksext/plugins/lock"
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/smapi"
+	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/tapdisk/attachment"
 	"github.com/luksext/luksext/plugins/xapi"
 )
 
@@ -45,4 +49,17 @@ var classifications = []classification{
 	{smapi.KindInvalidConfiguration, is(clevis.ErrInvalidConfig)},
 	{smapi.KindInvalidConfiguration, is(xapi.ErrSecretNotFound)},
 	{smapi.KindInternal, is(xapi.ErrUnreachable)},
+	{smapi.KindInvalidParameters, is(ErrBadURI)},
+	{smapi.KindInvalidParameters, is(attachment.ErrNotAttached)},
+	{smapi.KindInUse, is(attachment.ErrInUse)},
+	{smapi.KindNeedsAttention, is(attachment.ErrDamagedRecord)},
+	// volumes
+	{smapi.KindVolumeDoesNotExist, is(store.ErrNotFound)},
+	{smapi.KindNeedsAttention, is(store.ErrCorrupt)},
+	{smapi.KindSRNotAttached, is(store.ErrUnreadable)},
+	{smapi.KindInvalidParameters, is(image.ErrShrink)},
+	{smapi.KindInvalidParameters, is(image.ErrTooLarge)},
+	{smapi.KindInvalidParameters, is(image.ErrInvalidSize)},
+	{smapi.KindInUse, is(ErrChainTooDeep)},
+	{smapi.KindInUse, is(lock.ErrTimeout)},
 }
