@@ -76,7 +76,7 @@ func parseCreateConfig(cfg map[string]string, devDir string) (createPlan, error)
 	if err != nil {
 		return p, smapi.Errorf(smapi.KindDeviceNotFound, "device-config:device %s does not exist on this host (check the name with lsblk)", p.Device)
 	}
-	if st.Mode()&os.ModeDevice == 0 {
+	if st.Mode()&os.ModeDevice == 0 || st.Mode()&os.ModeCharDevice != 0 {
 		return p, invalid(KeyDevice, "%s is not a block device", p.Device)
 	}
 	p.Stable = stablePath(p.Device, devDir)

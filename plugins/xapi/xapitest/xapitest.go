@@ -6,6 +6,7 @@ package xapitest
 
 import (
 	"encoding/json"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -18,6 +19,15 @@ type Server struct {
 	calls   []string
 	srv     *http.Server
 	ln      net.Listener
+	callLog io.Writer
+}
+
+// SetCallLog makes the server write each method name, one per line, to w
+// (a VM test reads it from outside the process). Never values.
+func (s *Server) SetCallLog(w io.Writer) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.callLog = w
 }
 
 // New starts a server on socket with the given uuid → value secrets.
@@ -76,6 +86,9 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Lock()
 	s.calls = append(s.calls, req.Method)
+	if s.callLog != nil {
+		_, _ = io.WriteString(s.callLog, req.Method+"\n")
+	}
 	var result any
 	var fail []string
 	switch req.Method {
