@@ -1,9 +1,339 @@
 package luksext
 
-import "github.com/luksext/luksext/plugins/smapi"
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/luksext/luksext/plugins/image"
+	"github.com/luksext/luksext/plugins/lock"
+	"github.com/luksext/luksext/plugins/smapi"
+	"github.com/luksext/luksext/plugins/store"
+)
 
 // VolumeDeps are the edges of the volume handlers (Volume.*, SR.ls).
-type VolumeDeps struct{}
+type VolumeDeps struct {
+	// Images does the image-file work; its Runner (qemu-img) is only needed
+	// for qcow2 volumes (> 2040 GiB). The zero value handles VHDs.
+	Images image.Files
+	// LockTimeout bounds waiting for the SR lock (default 2 minutes):
+	// xapi applies no timeout, so a stuck lock must become an error.
+	LockTimeout time.Duration
+}
+
+// MaxChainDepth is the longest image chain a snapshot may create (SMAPIv1
+// and libcow use 30; XO's chain check cannot see SMAPIv3 chains, so we
+// bound it ourselves).
+const MaxChainDepth = 30
+
+// ErrChainTooDeep: a snapshot would make the chain longer than
+// MaxChainDepth.
+var ErrChainTooDeep = errors.New("snapshot chain too long")
+
+// Lock file names under <sr>/.luksext/locks.
+const srLockName = "sr"
+
+func srLockPath(st store.Store) string { return st.Path("locks", srLockName+".lock") }
+
+func volumeLockPath(st store.Store, key string) string {
+	return st.Path("locks", "volume-"+key+".lock")
+}
+
+// volumes is one call's view of an attached SR.
+type volumes struct {
+	d   VolumeDeps
+	st  store.Store
+	log logrus.FieldLogger
+}
+
+func openVolumes(ctx context.Context, d VolumeDeps, sr string) (*volumes, error) {
+	if err := CheckAttached(sr); err != nil {
+		return nil, err
+	}
+	abs, err := filepath.Abs(sr)
+	if err != nil {
+		return nil, err
+	}
+	return &volumes{d: d, st: store.New(abs), log: smapi.Logger(ctx)}, nil
+}
+
+func (v *volumes) lock(ctx context.Context, path string, mode lock.Mode) (*lock.Lock, error) {
+	timeout := v.d.LockTimeout
+	if timeout == 0 {
+		timeout = 2 * time.Minute
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	return lock.Acquire(ctx, path, mode, v.log)
+}
+
+// exclusive takes the SR lock for a change of the image tree and first
+// finishes any operation a crashed call left half done.
+func (v *volumes) exclusive(ctx context.Context) (*lock.Lock, error) {
+	l, err := v.lock(ctx, srLockPath(v.st), lock.Exclusive)
+	if err != nil {
+		return nil, err
+	}
+	if err := v.recover(ctx); err != nil {
+		l.Release()
+		return nil, err
+	}
+	return l, nil
+}
+
+func (v *volumes) shared(ctx context.Context) (*lock.Lock, error) {
+	return v.lock(ctx, srLockPath(v.st), lock.Shared)
+}
+
+// vdi reads the record of volume key, which must be a VDI.
+func (v *volumes) vdi(key string) (store.Node, error) {
+	n, err := v.st.Get(key)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && n.VDI == nil) {
+		return n, smapi.Errorf(smapi.KindVolumeDoesNotExist, "volume %s does not exist in SR %s", key, v.st.SR)
+	}
+	return n, err
+}
+
+// toVolume renders a VDI record for xapi.
+func (v *volumes) toVolume(n store.Node) smapi.Volume {
+	uuid := n.ID
+	keys := map[string]string{}
+	for k, val := range n.VDI.Keys {
+		keys[k] = val
+	}
+	path := v.st.ImagePath(n)
+	var phys int64
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err == nil {
+		phys = st.Blocks * 512
+	}
+	return smapi.Volume{
+		Key: n.ID, UUID: &uuid, Name: n.VDI.Name, Description: n.VDI.Description,
+		ReadWrite: n.VDI.ReadWrite, Sharable: n.VDI.Sharable, VirtualSize: n.VirtualSize,
+		PhysicalUtilisation: phys, URI: []string{VolumeURI(path)}, Keys: keys,
+	}
+}
+
+func exists(path string) (bool, error) {
+	_, err := os.Stat(path)
+	if err == nil {
+		return true, nil
+	}
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	return false, err
+}
 
 // volumeMethods are the Volume.* implementations and SR.ls.
-func volumeMethods(d Deps) []smapi.Method { return nil }
+func volumeMethods(d Deps) []smapi.Method {
+	vd := d.Volumes
+	return []smapi.Method{
+		smapi.Handle("SR.ls", smapi.ResultVolumeList, func(ctx context.Context, p smapi.SRParams) ([]smapi.Volume, error) {
+			return srLs(ctx, vd, p)
+		}),
+		smapi.Handle("Volume.create", smapi.ResultVolume, func(ctx context.Context, p smapi.VolumeCreateParams) (smapi.Volume, error) {
+			return volumeCreate(ctx, vd, p)
+		}),
+		smapi.Handle("Volume.stat", smapi.ResultVolume, func(ctx context.Context, p smapi.VolumeParams) (smapi.Volume, error) {
+			return volumeStat(ctx, vd, p)
+		}),
+		smapi.Handle("Volume.destroy", smapi.ResultUnit, func(ctx context.Context, p smapi.VolumeParams) (smapi.Unit, error) {
+			return smapi.Unit{}, volumeDestroy(ctx, vd, p)
+		}),
+		smapi.Handle("Volume.set", smapi.ResultUnit, func(ctx context.Context, p smapi.VolumeSetParams) (smapi.Unit, error) {
+			return smapi.Unit{}, updateVDI(ctx, vd, p.SR, p.Key, func(x *store.VDI) {
+				if x.Keys == nil {
+					x.Keys = map[string]string{}
+				}
+				x.Keys[p.K] = p.V
+			})
+		}),
+		smapi.Handle("Volume.unset", smapi.ResultUnit, func(ctx context.Context, p smapi.VolumeUnsetParams) (smapi.Unit, error) {
+			return smapi.Unit{}, updateVDI(ctx, vd, p.SR, p.Key, func(x *store.VDI) { delete(x.Keys, p.K) })
+		}),
+		smapi.Handle("Volume.set_name", smapi.ResultUnit, func(ctx context.Context, p smapi.VolumeSetNameParams) (smapi.Unit, error) {
+			return smapi.Unit{}, updateVDI(ctx, vd, p.SR, p.Key, func(x *store.VDI) { x.Name = p.NewName })
+		}),
+		smapi.Handle("Volume.set_description", smapi.ResultUnit, func(ctx context.Context, p smapi.VolumeSetDescriptionParams) (smapi.Unit, error) {
+			return smapi.Unit{}, updateVDI(ctx, vd, p.SR, p.Key, func(x *store.VDI) { x.Description = p.NewDescription })
+		}),
+		smapi.Handle("Volume.resize", smapi.ResultUnit, func(ctx context.Context, p smapi.VolumeResizeParams) (smapi.Unit, error) {
+			return smapi.Unit{}, volumeResize(ctx, vd, p)
+		}),
+		smapi.Handle("Volume.snapshot", smapi.ResultVolume, func(ctx context.Context, p smapi.VolumeParams) (smapi.Volume, error) {
+			return volumeSnapshot(ctx, vd, p, false)
+		}),
+		smapi.Handle("Volume.clone", smapi.ResultVolume, func(ctx context.Context, p smapi.VolumeParams) (smapi.Volume, error) {
+			return volumeSnapshot(ctx, vd, p, true)
+		}),
+	}
+}
+
+func srLs(ctx context.Context, d VolumeDeps, p smapi.SRParams) ([]smapi.Volume, error) {
+	v, err := openVolumes(ctx, d, p.SR)
+	if err != nil {
+		return nil, err
+	}
+	l, err := v.shared(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer l.Release()
+	nodes, err := v.st.List()
+	if err != nil {
+		return nil, err
+	}
+	out := []smapi.Volume{}
+	for _, n := range nodes {
+		if n.VDI != nil {
+			out = append(out, v.toVolume(n))
+		}
+	}
+	return out, nil
+}
+
+func volumeStat(ctx context.Context, d VolumeDeps, p smapi.VolumeParams) (smapi.Volume, error) {
+	v, err := openVolumes(ctx, d, p.SR)
+	if err != nil {
+		return smapi.Volume{}, err
+	}
+	l, err := v.shared(ctx)
+	if err != nil {
+		return smapi.Volume{}, err
+	}
+	defer l.Release()
+	n, err := v.vdi(p.Key)
+	if err != nil {
+		return smapi.Volume{}, err
+	}
+	return v.toVolume(n), nil
+}
+
+func volumeCreate(ctx context.Context, d VolumeDeps, p smapi.VolumeCreateParams) (smapi.Volume, error) {
+	v, err := openVolumes(ctx, d, p.SR)
+	if err != nil {
+		return smapi.Volume{}, err
+	}
+	format, size, err := image.Choose(p.Size)
+	if err != nil {
+		return smapi.Volume{}, err
+	}
+	l, err := v.exclusive(ctx)
+	if err != nil {
+		return smapi.Volume{}, err
+	}
+	defer l.Release()
+	n := store.Node{ID: store.NewID(), Format: format, VirtualSize: size,
+		VDI: &store.VDI{Name: p.Name, Description: p.Description, ReadWrite: true, Sharable: p.Sharable, Keys: map[string]string{}}}
+	// Image first, record second: a crash in between leaves an image with
+	// no record, which the GC removes; never a record without its image.
+	if err := d.Images.Create(ctx, v.st.ImagePath(n), size); err != nil {
+		return smapi.Volume{}, fmt.Errorf("creating the image of volume %q: %w", p.Name, err)
+	}
+	if err := v.st.Put(n); err != nil {
+		return smapi.Volume{}, err
+	}
+	v.log.WithFields(logrus.Fields{"vol": n.ID, "format": format, "virtual_size": size}).Info("volume created")
+	return v.toVolume(n), nil
+}
+
+func volumeDestroy(ctx context.Context, d VolumeDeps, p smapi.VolumeParams) error {
+	v, err := openVolumes(ctx, d, p.SR)
+	if err != nil {
+		return err
+	}
+	l, err := v.exclusive(ctx)
+	if err != nil {
+		return err
+	}
+	defer l.Release()
+	n, err := v.vdi(p.Key)
+	if err != nil {
+		return err
+	}
+	// Record first: once it is gone the VDI no longer exists for xapi; the
+	// leaf file left by a crash here is garbage the GC removes. Its parent
+	// (a hidden base) is left for the GC to delete or coalesce.
+	if err := v.st.Delete(n.ID); err != nil {
+		return err
+	}
+	if err := os.Remove(v.st.ImagePath(n)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	v.log.WithField("vol", n.ID).Info("volume destroyed")
+	return nil
+}
+
+// updateVDI changes a VDI's own record (keys, name, description) under the
+// shared SR lock and the volume's lock: calls on different volumes run in
+// parallel, calls on the same one are serialised.
+func updateVDI(ctx context.Context, d VolumeDeps, sr, key string, change func(*store.VDI)) error {
+	v, err := openVolumes(ctx, d, sr)
+	if err != nil {
+		return err
+	}
+	sl, err := v.shared(ctx)
+	if err != nil {
+		return err
+	}
+	defer sl.Release()
+	if !store.ValidID(key) {
+		return smapi.Errorf(smapi.KindVolumeDoesNotExist, "volume %q does not exist in SR %s", key, sr)
+	}
+	vl, err := v.lock(ctx, volumeLockPath(v.st, key), lock.Exclusive)
+	if err != nil {
+		return err
+	}
+	defer vl.Release()
+	n, err := v.vdi(key)
+	if err != nil {
+		return err
+	}
+	change(n.VDI)
+	return v.st.Put(n)
+}
+
+func volumeResize(ctx context.Context, d VolumeDeps, p smapi.VolumeResizeParams) error {
+	v, err := openVolumes(ctx, d, p.SR)
+	if err != nil {
+		return err
+	}
+	l, err := v.exclusive(ctx)
+	if err != nil {
+		return err
+	}
+	defer l.Release()
+	n, err := v.vdi(p.Key)
+	if err != nil {
+		return err
+	}
+	if p.NewSize < n.VirtualSize {
+		return fmt.Errorf("volume %s is %d bytes; cannot resize it to %d: %w", n.ID, n.VirtualSize, p.NewSize, image.ErrShrink)
+	}
+	if p.NewSize == n.VirtualSize {
+		return nil
+	}
+	size := p.NewSize
+	if n.Format == store.FormatVHD {
+		_, size, err = image.Choose(p.NewSize)
+		if err != nil {
+			return err
+		}
+		if size > image.VHDMax {
+			return fmt.Errorf("volume %s is a VHD, which cannot grow past 2040 GiB: %w", n.ID, image.ErrTooLarge)
+		}
+	}
+	// Image first: the record's size never claims more than the image has.
+	if err := d.Images.Resize(ctx, v.st.ImagePath(n), size); err != nil {
+		return err
+	}
+	n.VirtualSize = size
+	return v.st.Put(n)
+}

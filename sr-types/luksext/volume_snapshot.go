@@ -1,0 +1,221 @@
+package luksext
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/luksext/luksext/plugins/smapi"
+	"github.com/luksext/luksext/plugins/store"
+)
+
+// snapshotJournal records a snapshot or clone before it touches anything,
+// so that a call killed half-way is finished by the next call that takes
+// the SR lock (every step below is idempotent).
+//
+// The "double snapshot" of SMAPIv1's FileSR: the VDI's leaf file <A> is
+// renamed to a new hidden base <N>; a new empty leaf <A> (same name, so the
+// VDI's key and URI never change) and the snapshot/clone leaf <S> are
+// created on top of <N>. VDIs are always leaves; bases are never written.
+type snapshotJournal struct {
+	VDI        string `json:"vdi"`
+	Base       string `json:"base"`
+	New        string `json:"new"`
+	OrigParent string `json:"orig_parent,omitempty"`
+	Clone      bool   `json:"clone"`
+}
+
+func journalDir(st store.Store) string { return st.Path("journal") }
+
+// JournalPending reports whether a volume operation is unfinished; the GC
+// does nothing while one is (it would see a half-built tree).
+func JournalPending(sr string) (bool, error) {
+	entries, err := os.ReadDir(journalDir(store.New(sr)))
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	for _, e := range entries {
+		if strings.HasSuffix(e.Name(), ".json") && !strings.HasPrefix(e.Name(), ".") {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func (v *volumes) chainDepth(n store.Node) (int, error) {
+	depth := 1
+	for p := n.Parent; p != ""; depth++ {
+		if depth > 2*MaxChainDepth {
+			return 0, fmt.Errorf("%w: chain of %s loops", store.ErrCorrupt, n.ID)
+		}
+		pn, err := v.st.Get(p)
+		if err != nil {
+			return 0, fmt.Errorf("reading ancestor %s of %s: %w", p, n.ID, err)
+		}
+		p = pn.Parent
+	}
+	return depth, nil
+}
+
+func volumeSnapshot(ctx context.Context, d VolumeDeps, p smapi.VolumeParams, clone bool) (smapi.Volume, error) {
+	v, err := openVolumes(ctx, d, p.SR)
+	if err != nil {
+		return smapi.Volume{}, err
+	}
+	l, err := v.exclusive(ctx)
+	if err != nil {
+		return smapi.Volume{}, err
+	}
+	defer l.Release()
+	a, err := v.vdi(p.Key)
+	if err != nil {
+		return smapi.Volume{}, err
+	}
+	depth, err := v.chainDepth(a)
+	if err != nil {
+		return smapi.Volume{}, err
+	}
+	if depth >= MaxChainDepth {
+		return smapi.Volume{}, fmt.Errorf("volume %s already sits on a chain of %d images (limit %d); delete old snapshots and let the SR's garbage collector coalesce them: %w",
+			a.ID, depth, MaxChainDepth, ErrChainTooDeep)
+	}
+	j := snapshotJournal{VDI: a.ID, Base: store.NewID(), New: store.NewID(), OrigParent: a.Parent, Clone: clone}
+	jpath := filepath.Join(journalDir(v.st), "snapshot-"+a.ID+".json")
+	if err := store.WriteJSON(jpath, j); err != nil {
+		return smapi.Volume{}, err
+	}
+	if err := v.finishSnapshot(ctx, j); err != nil {
+		return smapi.Volume{}, err
+	}
+	if err := os.Remove(jpath); err != nil {
+		return smapi.Volume{}, err
+	}
+	s, err := v.st.Get(j.New)
+	if err != nil {
+		return smapi.Volume{}, err
+	}
+	what := "snapshot"
+	if clone {
+		what = "clone"
+	}
+	v.log.WithFields(logrus.Fields{"vol": a.ID, "new": s.ID, "base": j.Base, "depth": depth + 1}).Info(what + " created")
+	return v.toVolume(s), nil
+}
+
+// finishSnapshot moves the tree from any intermediate state of j to the
+// final one.
+func (v *volumes) finishSnapshot(ctx context.Context, j snapshotJournal) error {
+	a, err := v.st.Get(j.VDI)
+	if err != nil {
+		return fmt.Errorf("snapshot journal names volume %s: %w", j.VDI, err)
+	}
+	if a.VDI == nil {
+		return fmt.Errorf("snapshot journal names %s, which is not a volume: %w", j.VDI, store.ErrCorrupt)
+	}
+	base := store.Node{ID: j.Base, Format: a.Format, Parent: j.OrigParent, VirtualSize: a.VirtualSize}
+	leaf := v.st.ImagePath(a)
+	basePath := v.st.ImagePath(base)
+	newNode := store.Node{ID: j.New, Format: a.Format, Parent: j.Base, VirtualSize: a.VirtualSize, VDI: snapshotVDI(a.VDI, j.Clone)}
+	newPath := v.st.ImagePath(newNode)
+
+	// 1. the leaf becomes the base (the base name is fresh, so its existence
+	//    proves the rename happened)
+	baseThere, err := exists(basePath)
+	if err != nil {
+		return err
+	}
+	if !baseThere {
+		if err := os.Rename(leaf, basePath); err != nil {
+			return fmt.Errorf("renaming %s to base %s: %w", leaf, basePath, err)
+		}
+		if err := syncDirOf(basePath); err != nil {
+			return err
+		}
+	}
+	if err := v.st.Put(base); err != nil {
+		return err
+	}
+	if err := v.d.Images.SetHidden(basePath); err != nil {
+		return err
+	}
+	// 2. new empty leaves on top of the base (created under temporary names
+	//    and renamed, so existing means complete)
+	for _, path := range []string{leaf, newPath} {
+		there, err := exists(path)
+		if err != nil {
+			return err
+		}
+		if !there {
+			if err := v.d.Images.Snapshot(ctx, path, basePath); err != nil {
+				return fmt.Errorf("creating %s on top of %s: %w", path, basePath, err)
+			}
+		}
+	}
+	// 3. records: the new VDI, then the VDI's leaf now under the base
+	if err := v.st.Put(newNode); err != nil {
+		return err
+	}
+	a.Parent = j.Base
+	return v.st.Put(a)
+}
+
+func snapshotVDI(src *store.VDI, clone bool) *store.VDI {
+	keys := map[string]string{}
+	for k, val := range src.Keys {
+		switch k {
+		// xapi writes these itself for the new VDI (smapiv3.md §5.4).
+		case "is_a_snapshot", "snapshot_of", "snapshot_time", "content_id":
+			continue
+		}
+		keys[k] = val
+	}
+	return &store.VDI{Name: src.Name, Description: src.Description, ReadWrite: clone, Sharable: src.Sharable, Keys: keys}
+}
+
+// recover finishes journalled operations of crashed calls. Called with the
+// SR lock held exclusively.
+func (v *volumes) recover(ctx context.Context) error {
+	entries, err := os.ReadDir(journalDir(v.st))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasPrefix(name, "snapshot-") || !strings.HasSuffix(name, ".json") {
+			continue
+		}
+		path := filepath.Join(journalDir(v.st), name)
+		var j snapshotJournal
+		if err := store.ReadJSON(path, &j); err != nil {
+			return fmt.Errorf("reading journal %s: %w", path, err)
+		}
+		v.log.WithFields(logrus.Fields{"vol": j.VDI, "journal": name}).Warn("finishing a snapshot interrupted by a crash")
+		if err := v.finishSnapshot(ctx, j); err != nil {
+			return smapi.Errorf(smapi.KindNeedsAttention, "cannot finish the interrupted snapshot of volume %s (journal %s): %v", j.VDI, path, err)
+		}
+		if err := os.Remove(path); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func syncDirOf(path string) error {
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
