@@ -1,0 +1,182 @@
+package luksext
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/luksext/luksext/plugins/gc"
+	"github.com/luksext/luksext/plugins/image"
+	"github.com/luksext/luksext/plugins/lock"
+	"github.com/luksext/luksext/plugins/logging"
+	"github.com/luksext/luksext/plugins/run"
+	"github.com/luksext/luksext/plugins/store"
+)
+
+// GCCommand is argv[1] of the volume binary in garbage-collector mode:
+// `volume gc <sr> [-interval 10s] [-once]`.
+const GCCommand = "gc"
+
+// The GC holds gcRunningLock for its whole life: it is how StartGC knows one
+// is running and how StopGC knows it has gone.
+func gcRunningLock(st store.Store) string { return st.Path("gc", "running.lock") }
+func gcPIDFile(st store.Store) string     { return st.Path("gc", "pid") }
+
+// StartGC starts the SR's garbage collector as a detached process (its own
+// session, stdin/stdout/stderr on /dev/null: xapi-storage-script waits for
+// EOF on the plugin's pipes, so a child holding them would hang the call).
+// Nothing happens when one is already running. SR.attach calls it.
+func StartGC(sr string) error {
+	abs, err := filepath.Abs(sr)
+	if err != nil {
+		return err
+	}
+	st := store.New(abs)
+	if held, err := lock.Held(gcRunningLock(st), lock.Exclusive); err != nil || held {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("finding the plugin executable to start the garbage collector: %w", err)
+	}
+	null, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer null.Close()
+	cmd := exec.Command(self, GCCommand, abs)
+	// argv[0] without a dot, so the multi-call binary never reads it as a
+	// method name.
+	cmd.Args[0] = "luksext-gc"
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = null, null, null
+	cmd.Dir = "/"
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting the garbage collector of SR %s: %w", abs, err)
+	}
+	return cmd.Process.Release()
+}
+
+// StopGC stops the SR's garbage collector (SIGTERM, then SIGKILL after
+// timeout) and waits until it has exited, so that the SR can be unmounted.
+// Stopping at any moment is safe: the GC's work is journalled. SR.detach
+// calls it; it is a no-op when no GC runs.
+func StopGC(sr string, timeout time.Duration) error {
+	abs, err := filepath.Abs(sr)
+	if err != nil {
+		return err
+	}
+	st := store.New(abs)
+	running := func() bool { h, _ := lock.Held(gcRunningLock(st), lock.Shared); return h }
+	if !running() {
+		return nil
+	}
+	pid := readPID(gcPIDFile(st))
+	if pid > 0 {
+		_ = syscall.Kill(pid, syscall.SIGTERM)
+	}
+	deadline := time.Now().Add(timeout)
+	for running() {
+		if time.Now().After(deadline) {
+			if pid > 0 {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+			if time.Now().After(deadline.Add(5 * time.Second)) {
+				return fmt.Errorf("the garbage collector of SR %s (pid %d) does not exit", abs, pid)
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil
+}
+
+func readPID(path string) int {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
+}
+
+// RunGC is the garbage collector's main: args are what follows "gc" on the
+// command line. Wire it in volume/main.go before smapi dispatch:
+//
+//	if len(os.Args) > 1 && os.Args[1] == luksext.GCCommand {
+//		os.Exit(luksext.RunGC(os.Args[2:]))
+//	}
+func RunGC(args []string) int {
+	fs := flag.NewFlagSet("luksext-gc", flag.ContinueOnError)
+	interval := fs.Duration("interval", 15*time.Second, "time between passes")
+	once := fs.Bool("once", false, "collect until nothing is left to do, then exit")
+	var sr string
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		sr, args = args[0], args[1:]
+	}
+	if err := fs.Parse(args); err != nil || sr == "" {
+		fmt.Fprintln(os.Stderr, "usage: volume gc <sr mount path> [-interval 15s] [-once]")
+		return 2
+	}
+	log := logging.New(logging.Options{Plugin: "volume-gc", Syslog: true}).WithField("sr", sr)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	if err := runGC(ctx, sr, *interval, *once, image.Files{Runner: run.NewExec(log)}, nil, log); err != nil {
+		log.WithError(err).Error("garbage collector failed")
+		return 1
+	}
+	return 0
+}
+
+// errGCRunning: another collector holds the SR.
+var errGCRunning = errors.New("a garbage collector already runs for this SR")
+
+func runGC(ctx context.Context, sr string, interval time.Duration, once bool, images image.Files, fault func(string), log logrus.FieldLogger) error {
+	if err := CheckAttached(sr); err != nil {
+		return err
+	}
+	st := store.New(sr)
+	l, ok, err := lock.TryAcquire(gcRunningLock(st), lock.Exclusive)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		log.Info(errGCRunning.Error())
+		return nil
+	}
+	defer l.Release()
+	if err := store.WriteJSON(gcPIDFile(st), os.Getpid()); err != nil {
+		return err
+	}
+	c := &gc.Collector{Store: st, Images: images, Log: log, SRLock: srLockPath(st), Fault: fault}
+	if once {
+		for {
+			changed, err := c.Pass(ctx)
+			if err != nil || !changed {
+				return err
+			}
+		}
+	}
+	return c.Run(ctx, interval, func() bool { return CheckAttached(sr) == nil })
+}
+
+// CollectOnce runs the SR's garbage collector in this process until there
+// is nothing left to do (tests and operators). fault, when set, is called
+// after each journalled coalesce step.
+func CollectOnce(ctx context.Context, sr string, images image.Files, fault func(step string), log logrus.FieldLogger) error {
+	abs, err := filepath.Abs(sr)
+	if err != nil {
+		return err
+	}
+	return runGC(ctx, abs, 0, true, images, fault, log)
+}
