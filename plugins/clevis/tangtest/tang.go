@@ -61,11 +61,17 @@ func Start(t testing.TB) *Server {
 	return s
 }
 
-// SigningThumbprint returns the S256 thumbprint of the (first) signing key.
+// SigningThumbprint returns the S256 thumbprint of the (first) advertised
+// signing key.
 func (s *Server) SigningThumbprint(t testing.TB) string {
 	t.Helper()
 	files, _ := filepath.Glob(filepath.Join(s.KeyDir, "*.jwk"))
 	for _, f := range files {
+		// Rotated keys are kept as hidden ".<thp>.jwk" files (still used
+		// for recovery, no longer advertised); Glob's "*" matches the dot.
+		if strings.HasPrefix(filepath.Base(f), ".") {
+			continue
+		}
 		data, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)
