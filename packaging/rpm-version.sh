@@ -3,6 +3,7 @@
 # repository given as $1 (default: the current directory).
 #
 #   tag v1.2.3 on HEAD, clean tree   -> 1.2.3 1
+#   tag v2.0-rc1                     -> 2.0~rc1 1            (sorts before 2.0)
 #   4 commits after v1.2.3           -> 1.2.3 1.4.g<hash>   (sorts after 1.2.3-1)
 #   no v* tag at all                 -> 0.0.0 0.<commits>.g<hash>
 #   uncommitted changes              -> ... .dirty appended to RELEASE
@@ -29,7 +30,8 @@ if desc=$(g describe --tags --long --match 'v[0-9]*' --abbrev=7); then
 	count=${rest##*-}
 	tag=${rest%-*}
 	version=${tag#v}
-	version=${version//-/.}
+	# a pre-release tag (v2.0-rc1) sorts before its release: 2.0~rc1 < 2.0
+	version=${version//-/\~}
 	if [ "$count" = 0 ]; then
 		release="1"
 	else

@@ -1,4 +1,4 @@
-#!/bin/bash
+#!/bin/sh
 # Run by the RPM's %preun before luksext is erased (installed as
 # /usr/libexec/luksext/uninstall-check). Exit status:
 #   0  no luksext SR anywhere we can see: removing the plugin is safe
@@ -15,17 +15,17 @@
 # the pool that never had a luksext SR) - a loud warning is enough.
 #
 # Test hooks: LUKSEXT_SR_MOUNT_ROOT (default /var/run/sr-mount) and
-# LUKSEXT_XE (default: xe from PATH).
-set -uo pipefail
+# LUKSEXT_XE (default: xe from PATH). Plain POSIX sh: it runs in %preun.
+set -u
 mount_root=${LUKSEXT_SR_MOUNT_ROOT:-/var/run/sr-mount}
 xe=${LUKSEXT_XE:-$(command -v xe || true)}
 
 # A mounted luksext SR has luksext-sr.json at its filesystem root: the file
 # lives inside the encrypted filesystem, so it is only visible while mounted.
-attached=()
+attached=""
 for meta in "$mount_root"/*/luksext-sr.json; do
 	[ -e "$meta" ] || continue
-	attached+=("$(basename "$(dirname "$meta")")")
+	attached="$attached $(basename "$(dirname "$meta")")"
 done
 
 known=""
@@ -36,10 +36,10 @@ if [ -n "$xe" ]; then
 	fi
 fi
 
-if [ ${#attached[@]} -gt 0 ]; then
+if [ -n "$attached" ]; then
 	cat >&2 <<MSG
 luksext: REFUSING to remove the plugin: luksext SR(s) attached on this host:
-  ${attached[*]}
+  $attached
 Their disks are unlocked and mounted. Removing the plugin now would leave
 xapi unable to detach them. First stop the VMs using them and unplug the SRs:
   xe pbd-list sr-uuid=<uuid> host-uuid=\$(xe host-list hostname=\$(hostname) --minimal) --minimal
@@ -51,7 +51,7 @@ MSG
 fi
 if [ -n "$known" ]; then
 	cat >&2 <<MSG
-luksext: WARNING: xapi still knows luksext SR(s): ${known//,/ }
+luksext: WARNING: xapi still knows luksext SR(s): $(echo "$known" | tr , ' ')
 None is attached on this host, so the plugin is being removed. Those SRs
 cannot be plugged again until luksext is reinstalled; their encrypted data
 stays on disk untouched. If they are gone for good: xe sr-forget uuid=<uuid>
