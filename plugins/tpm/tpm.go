@@ -22,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/google/go-tpm/tpm2/transport"
@@ -100,21 +101,21 @@ func (s Spec) String() string {
 func (s Spec) Open(ctx context.Context) (transport.TPMCloser, error) {
 	switch s.Kind {
 	case KindDevice, "":
-		return openDevice(s.Path)
+		return openDevice(ctx, s.Path)
 	case KindSWTPM:
 		return dialSWTPM(ctx, s.Addr)
 	}
 	return nil, fmt.Errorf("TPM spec kind %q: %w", s.Kind, ErrBadSpec)
 }
 
-func openDevice(path string) (transport.TPMCloser, error) {
+func openDevice(ctx context.Context, path string) (transport.TPMCloser, error) {
 	paths := DevicePaths
 	if path != "" {
 		paths = []string{path}
 	}
 	var errs []error
 	for _, p := range paths {
-		t, err := linuxtpm.Open(p)
+		t, err := waitWhileBusy(ctx, BusyWait, func() (transport.TPMCloser, error) { return linuxtpm.Open(p) })
 		if err == nil {
 			return t, nil
 		}
@@ -127,6 +128,38 @@ func openDevice(path string) (transport.TPMCloser, error) {
 		return nil, fmt.Errorf("opening TPM %s: %w", p, err)
 	}
 	return nil, fmt.Errorf("%w (%w)", ErrAbsent, errors.Join(errs...))
+}
+
+// BusyWait bounds how long Open waits for a TPM device that another
+// process holds open. The kernel allows one open of /dev/tpm0 at a time
+// (EBUSY otherwise); xapi runs SMAPI calls in parallel and sss policies
+// unseal their tpm2 shares concurrently, so on a host without the resource
+// manager (/dev/tpmrm0) users queue here instead of failing. Each holder
+// keeps the device for one unseal, well under a second.
+const BusyWait = 30 * time.Second
+
+// waitWhileBusy calls open until it stops failing with EBUSY, the context
+// ends, or maxWait has passed.
+func waitWhileBusy(ctx context.Context, maxWait time.Duration, open func() (transport.TPMCloser, error)) (transport.TPMCloser, error) {
+	deadline := time.Now().Add(maxWait)
+	pause := 10 * time.Millisecond
+	for {
+		t, err := open()
+		if err == nil || !errors.Is(err, syscall.EBUSY) {
+			return t, err
+		}
+		if time.Now().Add(pause).After(deadline) {
+			return nil, fmt.Errorf("%w: the TPM device stayed in use by another process for %s: %w", ErrBusy, maxWait, err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for the TPM device: %w: %w", ctx.Err(), err)
+		case <-time.After(pause):
+		}
+		if pause < 200*time.Millisecond {
+			pause *= 2
+		}
+	}
 }
 
 // commandTimeout bounds one TPM command on a TCP connection. Key generation
