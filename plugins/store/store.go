@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 )
 
 // MetaDir is the store's directory under the SR root. It starts with a
@@ -163,20 +164,42 @@ func (s Store) List() ([]Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w: %v", s.nodesDir(), ErrUnreadable, err)
 	}
-	out := make([]Node, 0, len(entries))
+	var ids []string
 	for _, e := range entries {
 		name := e.Name()
-		if !strings.HasSuffix(name, ".json") || strings.HasPrefix(name, ".") {
-			continue
+		if strings.HasSuffix(name, ".json") && !strings.HasPrefix(name, ".") {
+			ids = append(ids, strings.TrimSuffix(name, ".json"))
 		}
-		n, err := s.Get(strings.TrimSuffix(name, ".json"))
+	}
+	// Records are independent small files: read them in parallel, which
+	// matters at thousands of volumes (SR.ls runs at every SR scan).
+	nodes := make([]Node, len(ids))
+	errs := make([]error, len(ids))
+	var wg sync.WaitGroup
+	next := make(chan int)
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				nodes[i], errs[i] = s.Get(ids[i])
+			}
+		}()
+	}
+	for i := range ids {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	out := make([]Node, 0, len(ids))
+	for i, err := range errs {
 		if errors.Is(err, ErrNotFound) {
 			continue // deleted between ReadDir and Get
 		}
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, n)
+		out = append(out, nodes[i])
 	}
 	return out, nil
 }

@@ -1,0 +1,159 @@
+//go:build bench
+
+package volumes
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/sr-types/luksext"
+	"github.com/luksext/luksext/tests/testenv"
+)
+
+const benchVolumes = 10000
+
+// pythonPlugin is the smallest Python 3 SMAPIv3 volume plugin doing the
+// same work as ours for SR.ls and Volume.stat (read the records, stat the
+// leaf files, print the volume records): the reference for per-call cost,
+// since every XCP-ng SMAPIv3 plugin is Python.
+const pythonPlugin = `#!/usr/bin/python3
+import sys, os, json
+def vol(sr, n):
+    path = os.path.join(sr, n["id"] + "." + n["format"])
+    try:
+        phys = os.stat(path).st_blocks * 512
+    except OSError:
+        phys = 0
+    v = n["vdi"]
+    return {"key": n["id"], "uuid": n["id"], "name": v["name"], "description": v["description"],
+            "read_write": v["read_write"], "sharable": v["sharable"], "virtual_size": n["virtual_size"],
+            "physical_utilisation": phys, "uri": ["luksext://" + path], "keys": v.get("keys") or {}}
+def main():
+    method = os.path.basename(sys.argv[0])
+    p = json.load(sys.stdin)
+    sr = p["sr"]
+    nodes = os.path.join(sr, ".luksext", "nodes")
+    if method == "SR.ls":
+        out = []
+        for f in os.listdir(nodes):
+            with open(os.path.join(nodes, f)) as fh:
+                n = json.load(fh)
+            if n.get("vdi"):
+                out.append(vol(sr, n))
+        print(json.dumps(out))
+    elif method == "Volume.stat":
+        with open(os.path.join(nodes, p["key"] + ".json")) as fh:
+            print(json.dumps(vol(sr, json.load(fh))))
+main()
+`
+
+func repoRoot(t *testing.T) string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
+}
+
+func median(d []time.Duration) time.Duration {
+	sort.Slice(d, func(i, j int) bool { return d[i] < d[j] })
+	return d[len(d)/2]
+}
+
+func timeCalls(t *testing.T, exe, method string, params []byte, n int) time.Duration {
+	var ds []time.Duration
+	for i := 0; i < n; i++ {
+		cmd := exec.Command(exe, "--json")
+		cmd.Stdin = bytes.NewReader(params)
+		var out bytes.Buffer
+		cmd.Stdout = &out
+		start := time.Now()
+		err := cmd.Run()
+		ds = append(ds, time.Since(start))
+		require.NoError(t, err, "%s: %s", exe, out.String())
+		require.NotEmpty(t, out.Bytes())
+	}
+	return median(ds)
+}
+
+// TestBenchVolumeCalls measures SR.ls and Volume.stat at 10 000 volumes
+// through the real volume executable (one process per call, as
+// xapi-storage-script runs it) next to a minimal Python 3 plugin doing the
+// same reads.
+func TestBenchVolumeCalls(t *testing.T) {
+	py := testenv.Tools(t, "python3")["python3"]
+	goBin := testenv.Tools(t, "go")["go"]
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "volume")
+	build := exec.Command(goBin, "build", "-trimpath", "-o", bin, "./volume")
+	build.Dir = repoRoot(t)
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	out, err := build.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+
+	ours, ref := filepath.Join(dir, "ours"), filepath.Join(dir, "python")
+	for _, d := range []string{ours, ref} {
+		require.NoError(t, os.MkdirAll(d, 0o755))
+	}
+	// Python plugins are one file per method (or symlinks to one file):
+	// the method is the basename of argv[0], as for our binary.
+	script := "#!" + py + "\n" + pythonPlugin[len("#!/usr/bin/python3\n"):]
+	for _, m := range []string{"SR.ls", "Volume.stat"} {
+		require.NoError(t, os.Symlink(bin, filepath.Join(ours, m)))
+		require.NoError(t, os.WriteFile(filepath.Join(ref, m), []byte(script), 0o755))
+	}
+
+	// An SR with 10 000 volumes: records written directly (same format as
+	// the store writes) and small sparse leaf files, to keep setup short.
+	sr := newSR(t).dir
+	st := store.New(sr)
+	require.NoError(t, os.MkdirAll(st.Path("nodes"), 0o700))
+	var key string
+	for i := 0; i < benchVolumes; i++ {
+		n := store.Node{Schema: store.Schema, ID: store.NewID(), Format: store.FormatVHD, VirtualSize: 8 << 20,
+			VDI: &store.VDI{Name: fmt.Sprintf("vol-%d", i), ReadWrite: true, Keys: map[string]string{"vdi-type": "user"}}}
+		b, _ := json.Marshal(n)
+		require.NoError(t, os.WriteFile(st.Path("nodes", n.ID+".json"), b, 0o600))
+		f, err := os.Create(st.ImagePath(n))
+		require.NoError(t, err)
+		require.NoError(t, f.Truncate(4<<20))
+		f.Close()
+		key = n.ID
+	}
+	ls, _ := json.Marshal(map[string]any{"dbg": "bench", "sr": sr})
+	stat, _ := json.Marshal(map[string]any{"dbg": "bench", "sr": sr, "key": key})
+
+	// results must agree before we time them
+	var a, b []map[string]any
+	o1, err := exec.Command("sh", "-c", fmt.Sprintf("echo '%s' | %s --json", ls, filepath.Join(ours, "SR.ls"))).Output()
+	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal(o1, &a))
+	o2, err := exec.Command("sh", "-c", fmt.Sprintf("echo '%s' | %s --json", ls, filepath.Join(ref, "SR.ls"))).Output()
+	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal(o2, &b))
+	require.Len(t, a, benchVolumes)
+	require.Len(t, b, benchVolumes)
+
+	env := os.Getenv("LUKSEXT_LOG_LEVEL")
+	os.Setenv("LUKSEXT_LOG_LEVEL", "warn")
+	defer os.Setenv("LUKSEXT_LOG_LEVEL", env)
+	for _, c := range []struct {
+		method string
+		params []byte
+		n      int
+	}{{"SR.ls", ls, 7}, {"Volume.stat", stat, 41}} {
+		g := timeCalls(t, filepath.Join(ours, c.method), c.method, c.params, c.n)
+		p := timeCalls(t, filepath.Join(ref, c.method), c.method, c.params, c.n)
+		fmt.Printf("BENCH %s at %d volumes (exec per call, median of %d): luksext %.1f ms, python3 reference %.1f ms, ratio %.2f\n",
+			c.method, benchVolumes, c.n, float64(g.Microseconds())/1000, float64(p.Microseconds())/1000, float64(g)/float64(p))
+	}
+	_ = luksext.PluginName
+}
