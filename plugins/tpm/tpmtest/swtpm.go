@@ -6,6 +6,7 @@ package tpmtest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
 	"github.com/luksext/luksext/plugins/tpm"
@@ -176,4 +178,86 @@ func (s *SWTPM) Open(t testing.TB) transport.TPMCloser {
 	}
 	t.Cleanup(func() { _ = tp.Close() })
 	return tp
+}
+
+// LockOut puts the TPM into dictionary-attack lockout, as repeated wrong
+// passwords for some DA-protected key would: it sets max-tries to 1 and
+// fails one password check. It returns the TPM's answer to the next
+// (correct) authorization, which is TPM_RC_LOCKOUT.
+func (s *SWTPM) LockOut(t testing.TB) error {
+	t.Helper()
+	tools := testenv.Tools(t, "tpm2_dictionarylockout")
+	cmd := exec.Command(tools["tpm2_dictionarylockout"], "--setup-parameters", "--max-tries=1",
+		"--recovery-time=1000", "--lockout-recovery-time=1000")
+	cmd.Env = append(os.Environ(), s.Env()...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("tpm2_dictionarylockout: %v: %s", err, out)
+	}
+	tp, err := s.Spec.Open(context.Background())
+	if err != nil {
+		t.Fatalf("opening swtpm: %v", err)
+	}
+	defer tp.Close()
+	primary, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHOwner, InPublic: tpm2.New2B(tpm2.ECCSRKTemplate)}.Execute(tp)
+	if err != nil {
+		t.Fatalf("CreatePrimary: %v", err)
+	}
+	defer func() { _, _ = tpm2.FlushContext{FlushHandle: primary.ObjectHandle}.Execute(tp) }()
+	parent := tpm2.AuthHandle{Handle: primary.ObjectHandle, Name: primary.Name, Auth: tpm2.PasswordAuth(nil)}
+	// A password-protected object without noDA, unlike clevis' objects.
+	created, err := tpm2.Create{
+		ParentHandle: parent,
+		InSensitive: tpm2.TPM2BSensitiveCreate{Sensitive: &tpm2.TPMSSensitiveCreate{
+			UserAuth: tpm2.TPM2BAuth{Buffer: []byte("right")},
+			Data:     tpm2.NewTPMUSensitiveCreate(&tpm2.TPM2BSensitiveData{Buffer: []byte("x")}),
+		}},
+		InPublic: tpm2.New2B(tpm2.TPMTPublic{
+			Type: tpm2.TPMAlgKeyedHash, NameAlg: tpm2.TPMAlgSHA256,
+			ObjectAttributes: tpm2.TPMAObject{FixedTPM: true, FixedParent: true, UserWithAuth: true},
+			Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgKeyedHash, &tpm2.TPMSKeyedHashParms{
+				Scheme: tpm2.TPMTKeyedHashScheme{Scheme: tpm2.TPMAlgNull},
+			}),
+		}),
+	}.Execute(tp)
+	if err != nil {
+		t.Fatalf("Create: %v", err)
+	}
+	loaded, err := tpm2.Load{ParentHandle: parent, InPrivate: created.OutPrivate, InPublic: created.OutPublic}.Execute(tp)
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	defer func() { _, _ = tpm2.FlushContext{FlushHandle: loaded.ObjectHandle}.Execute(tp) }()
+	unseal := func(pw string) error {
+		_, err := tpm2.Unseal{ItemHandle: tpm2.AuthHandle{Handle: loaded.ObjectHandle, Name: loaded.Name,
+			Auth: tpm2.PasswordAuth([]byte(pw))}}.Execute(tp)
+		return err
+	}
+	// The first DA failure may answer TPM_RC_RETRY (the TPM persists its
+	// DA state first); the failure counts on the next try.
+	for i := 0; i < 5; i++ {
+		err = unseal("wrong")
+		if errors.Is(err, tpm2.TPMRCAuthFail) || errors.Is(err, tpm2.TPMRCLockout) {
+			break
+		}
+		if !errors.Is(err, tpm2.TPMRCRetry) {
+			t.Fatalf("wrong password: want TPM_RC_AUTH_FAIL, got %v", err)
+		}
+	}
+	err = unseal("right")
+	if !errors.Is(err, tpm2.TPMRCLockout) {
+		t.Fatalf("TPM did not enter lockout: %v", err)
+	}
+	return err
+}
+
+// ClearLockout ends a dictionary-attack lockout with the (empty) lockout
+// authorization, as an administrator would with tpm2_dictionarylockout -c.
+func (s *SWTPM) ClearLockout(t testing.TB) {
+	t.Helper()
+	tools := testenv.Tools(t, "tpm2_dictionarylockout")
+	cmd := exec.Command(tools["tpm2_dictionarylockout"], "--clear-lockout")
+	cmd.Env = append(os.Environ(), s.Env()...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("tpm2_dictionarylockout --clear-lockout: %v: %s", err, out)
+	}
 }
