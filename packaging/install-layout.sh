@@ -25,6 +25,9 @@ for bin in volume datapath; do
 	mv -f "$tmp" "$libexec/luksext/$bin"
 done
 
+# The operator command (luksext status/unlock/rebind...) is the volume binary under another name.
+install -d -m 0755 "$destdir/usr/sbin" && ln -sfn ../libexec/luksext/volume "$destdir/usr/sbin/.luksext.new" && mv -Tf "$destdir/usr/sbin/.luksext.new" "$destdir/usr/sbin/luksext"
+
 place() { # place BIN PLUGINDIR
 	local bin=$1 dir=$2 target="../../../luksext/$1"
 	local methods

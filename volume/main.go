@@ -8,6 +8,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/luksext/luksext/plugins/logging"
@@ -16,6 +17,11 @@ import (
 )
 
 func main() {
+	// Invoked as /usr/sbin/luksext (a symlink to this binary): the
+	// operator command for key management, which SMAPIv3 has no verb for.
+	if filepath.Base(os.Args[0]) == luksext.AdminCommand {
+		os.Exit(luksext.AdminMain(luksext.AdminInvocation{Args: os.Args, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}))
+	}
 	log := logging.New(logging.Options{Plugin: "volume", Syslog: true})
 	table := luksext.VolumeTable(luksext.RealDeps(log))
 	if len(os.Args) > 1 && os.Args[1] == "--list-methods" {
