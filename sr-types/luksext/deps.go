@@ -9,6 +9,7 @@ import (
 	"github.com/luksext/luksext/plugins/blockdev"
 	"github.com/luksext/luksext/plugins/clevis"
 	"github.com/luksext/luksext/plugins/fs"
+	"github.com/luksext/luksext/plugins/image"
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/tpm"
@@ -36,6 +37,8 @@ func RealDeps(log logrus.FieldLogger) Deps {
 			Secrets: xapi.New(os.Getenv(XAPISocketEnv), 30*time.Second),
 			FS:      fs.New(runner),
 			Probe:   blockdev.Prober{Run: runner},
+			GC:      processGC{},
 		},
+		Volumes: VolumeDeps{Images: image.Files{Runner: runner}},
 	}
 }

@@ -61,6 +61,13 @@ type GCControl interface {
 	Stop(ctx context.Context, sr string) error
 }
 
+// processGC runs the collector as a detached process of the volume binary
+// (volume_gc.go).
+type processGC struct{}
+
+func (processGC) Start(_ context.Context, sr string) error { return StartGC(sr) }
+func (processGC) Stop(_ context.Context, sr string) error  { return StopGC(sr, 30*time.Second) }
+
 type srService struct{ SRDeps }
 
 func (d SRDeps) withDefaults() SRDeps {

@@ -2,11 +2,11 @@ package luksext
 
 import (
 	"encoding/json"
-	"fmt"
 	"os"
 	"path/filepath"
 
 	"github.com/luksext/luksext/plugins/smapi"
+	"github.com/luksext/luksext/plugins/store"
 )
 
 // SRMetaFile is the SR's own record at the root of its filesystem, written
@@ -54,35 +54,5 @@ func writeSRMeta(sr string, m SRMeta) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(filepath.Join(sr, SRMetaFile), append(b, '\n'))
-}
-
-func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("writing %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("syncing %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("renaming %s: %w", path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return store.WriteFileAtomic(filepath.Join(sr, SRMetaFile), append(b, '\n'), 0o644)
 }
