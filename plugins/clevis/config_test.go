@@ -100,7 +100,7 @@ func TestDecryptMalformed(t *testing.T) {
 	b64 := base64.RawURLEncoding.EncodeToString
 	nested := fakeDir(t, `{"pin":"tpm2","tpm2":{"jwk_pub":"AA","jwk_priv":"AA"}}`)
 	for i := 0; i < clevis.MaxDepth+2; i++ {
-		nested = fakeDir(t, fmt.Sprintf(`{"pin":"sss","sss":{"t":1,"p":%q,"jwe":[%q]}}`, b64(make([]byte, 32)), nested))
+		nested = fakeDir(t, fmt.Sprintf(`{"pin":"sss","sss":{"t":1,"p":%q,"jwe":[%q]}}`, b64(testPrime), nested))
 	}
 	cases := map[string]struct {
 		jwe  string
@@ -119,8 +119,9 @@ func TestDecryptMalformed(t *testing.T) {
 		"tpm2 no TPM":        {fakeDir(t, fmt.Sprintf(`{"pin":"tpm2","tpm2":{"jwk_pub":%q,"jwk_priv":"AAA"}}`, b64(sealedPublic()))), clevis.ErrTPMAbsent},
 		"tang not ECDH-ES":   {fakeDir(t, `{"pin":"tang","tang":{"url":"http://x","adv":{"keys":[]}}}`), clevis.ErrMalformed},
 		"sss bad p":          {fakeDir(t, `{"pin":"sss","sss":{"t":1,"p":"!","jwe":["a"]}}`), clevis.ErrMalformed},
-		"sss t > shares":     {fakeDir(t, fmt.Sprintf(`{"pin":"sss","sss":{"t":2,"p":%q,"jwe":["a"]}}`, b64(make([]byte, 32)))), clevis.ErrMalformed},
-		"sss bad child":      {fakeDir(t, fmt.Sprintf(`{"pin":"sss","sss":{"t":1,"p":%q,"jwe":["a.b"]}}`, b64(make([]byte, 32)))), clevis.ErrThresholdNotMet},
+		"sss t > shares":     {fakeDir(t, fmt.Sprintf(`{"pin":"sss","sss":{"t":2,"p":%q,"jwe":["a"]}}`, b64(testPrime))), clevis.ErrMalformed},
+		"sss bad child":      {fakeDir(t, fmt.Sprintf(`{"pin":"sss","sss":{"t":1,"p":%q,"jwe":["a.b"]}}`, b64(testPrime))), clevis.ErrThresholdNotMet},
+		"sss p not prime":    {fakeDir(t, fmt.Sprintf(`{"pin":"sss","sss":{"t":1,"p":%q,"jwe":["a.b"]}}`, b64(make([]byte, 32)))), clevis.ErrMalformed},
 		"sss too deep/large": {nested, clevis.ErrMalformed}, // size limit trips first; depth: TestSSSDepthLimit
 	}
 	for name, tc := range cases {
@@ -139,4 +140,11 @@ func TestEncryptWithoutTPMFailsClearly(t *testing.T) {
 	assert.ErrorIs(t, err, clevis.ErrTPMAbsent)
 	assert.NotContains(t, err.Error(), "do-not-print-me")
 	assert.Contains(t, err.Error(), "tpmrm0")
+}
+
+// testPrime is 2^256 - 189, the largest 256-bit prime: sss headers in
+// these tests need a real prime, since Decrypt refuses anything else.
+var testPrime = []byte{
+	0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+	0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x43,
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"math/big"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -22,7 +23,9 @@ func TestSSSDepthLimit(t *testing.T) {
 		require.NoError(t, err)
 		return j.Compact()
 	}
-	p := base64.RawURLEncoding.EncodeToString(make([]byte, 32))
+	// 2^256 - 189, a prime: Decrypt refuses sss headers whose p is not one.
+	prime := new(big.Int).Sub(new(big.Int).Lsh(big.NewInt(1), 256), big.NewInt(189))
+	p := base64.RawURLEncoding.EncodeToString(prime.FillBytes(make([]byte, 32)))
 	inner := seal(fmt.Sprintf(`{"pin":"sss","sss":{"t":1,"p":%q,"jwe":[%q]}}`, p, seal(`{"pin":"yubikey"}`)))
 	outer, err := jose.Parse(seal(fmt.Sprintf(`{"pin":"sss","sss":{"t":1,"p":%q,"jwe":[%q]}}`, p, inner)))
 	require.NoError(t, err)

@@ -86,6 +86,12 @@ func (c *Client) decryptSSS(ctx context.Context, j *jose.JWE, h sssHeader, depth
 		return secret.Bytes{}, fmt.Errorf("sss: %w: prime p missing or malformed", ErrMalformed)
 	}
 	p := new(big.Int).SetBytes(pb)
+	// clevis always writes a (safe) prime. Anything else is a crafted
+	// header: p = 0 would divide by zero in the interpolation, and a
+	// composite modulus is no field, so the "key" would be meaningless.
+	if p.Cmp(big.NewInt(2)) < 0 || !p.ProbablyPrime(20) {
+		return secret.Bytes{}, fmt.Errorf("sss: %w: p is not a prime", ErrMalformed)
+	}
 	if h.T < 1 || h.T > len(h.JWE) {
 		return secret.Bytes{}, fmt.Errorf("sss: %w: threshold %d with %d shares", ErrMalformed, h.T, len(h.JWE))
 	}
