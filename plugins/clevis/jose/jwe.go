@@ -95,6 +95,16 @@ func fromParts(protected, ek, iv, ct, tag string) (*JWE, error) {
 	if j.Header.Alg == "" {
 		return nil, fmt.Errorf("%w: protected header has no \"alg\"", ErrMalformed)
 	}
+	// clevis never compresses and never marks extensions critical. Ignoring
+	// either would hand back something other than the key (compressed
+	// bytes) or skip a check the writer demanded, so refuse them.
+	var unsupported struct {
+		Zip  json.RawMessage `json:"zip"`
+		Crit json.RawMessage `json:"crit"`
+	}
+	if json.Unmarshal(hdr, &unsupported) == nil && (unsupported.Zip != nil || unsupported.Crit != nil) {
+		return nil, fmt.Errorf("%w: protected header uses \"zip\" or \"crit\", which clevis never writes", ErrMalformed)
+	}
 	for _, f := range []struct {
 		name string
 		in   string
