@@ -345,3 +345,47 @@ func TestAdminHostKeyLifecycle(t *testing.T) {
 		assert.True(t, st.SRs[0].UnlocksAutomatically)
 	})
 }
+
+// Seed 01's recipe: LUKS1, a passphrase in keyslot 0 and `clevis luks bind
+// tpm2 '{}'` (luksmeta). The command reads it, rebinds it, and stock clevis
+// reads what we wrote.
+func TestAdminHostSeed01Disk(t *testing.T) {
+	f := newHostFixture(t)
+	tools := testenv.Tools(t, "clevis", "clevis-luks-bind", "clevis-encrypt-tpm2", "luksmeta")
+	img := filepath.Join(t.TempDir(), "seed01.img")
+	require.NoError(t, os.WriteFile(img, nil, 0o600))
+	require.NoError(t, os.Truncate(img, 32<<20))
+	key := filepath.Join(t.TempDir(), "pass")
+	require.NoError(t, os.WriteFile(key, []byte(hostRecovery), 0o600))
+	sh := func(env []string, name string, args ...string) string {
+		cmd := exec.Command(name, args...)
+		cmd.Env = append(os.Environ(), env...)
+		out, err := cmd.CombinedOutput()
+		require.NoError(t, err, "%s %v: %s", name, args, out)
+		return string(out)
+	}
+	sh(nil, f.tools["cryptsetup"], "luksFormat", "--type", "luks1", "-q", "--pbkdf-force-iterations", "1000", "--key-file", key, img)
+	sh(f.sw.Env(), tools["clevis"], "luks", "bind", "-y", "-d", img, "-k", key, "tpm2", "{}")
+	f.sw.FlushAll(t)
+	f.img = img
+
+	st, code := f.status()
+	require.Equal(t, ExitOK, code)
+	s := st.SRs[0]
+	assert.Equal(t, "", s.SRUUID, "not a luksext SR")
+	assert.Equal(t, 1, s.LUKSVersion)
+	assert.Equal(t, "luks-"+s.LUKSUUID, s.Mapping)
+	require.Len(t, s.Keyslots, 2)
+	assert.Equal(t, "passphrase", s.Keyslots[0].Kind)
+	assert.Equal(t, "tpm2", s.Keyslots[1].Policy.Pin)
+	assert.True(t, *s.Keyslots[1].Unseals)
+
+	var k keyChange
+	code, stderr := f.cli("", &k, "rebind", img, "1")
+	require.Equal(t, ExitOK, code, stderr)
+	assert.Contains(t, k.AuthorisedBy, "keyslot 1 (tpm2)")
+	out := sh(f.sw.Env(), tools["clevis"], "luks", "pass", "-d", img, "-s", fmt.Sprint(*k.NewKeyslot))
+	f.sw.FlushAll(t)
+	assert.True(t, f.opens(out, *k.NewKeyslot), "stock clevis reads the luksmeta slot we wrote")
+	assert.Equal(t, []int{0, *k.NewKeyslot}, f.slots())
+}
