@@ -65,7 +65,7 @@ func (s *srService) probe(ctx context.Context, p smapi.SRProbeParams) ([]smapi.P
 }
 
 // candidateDisks lists whole disks and partitions that could hold an SR:
-// no device-mapper, loop, ram, zram, nbd, optical or floppy devices.
+// no device-mapper, loop, ram, zram, nbd, optical, floppy or tapdisk devices (md RAID arrays are fine).
 func (s *srService) candidateDisks() []string {
 	entries, err := os.ReadDir("/sys/class/block")
 	if err != nil {
@@ -75,7 +75,7 @@ func (s *srService) candidateDisks() []string {
 	for _, e := range entries {
 		n := e.Name()
 		skip := false
-		for _, p := range []string{"dm-", "loop", "ram", "zram", "nbd", "sr", "fd", "md", "tapdev", "td"} {
+		for _, p := range []string{"dm-", "loop", "ram", "zram", "nbd", "sr", "fd", "tapdev", "td"} {
 			skip = skip || strings.HasPrefix(n, p)
 		}
 		if skip {
