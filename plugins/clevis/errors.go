@@ -23,6 +23,12 @@ var (
 	// ErrWrongTPM: the key was sealed by another TPM (disk moved), or this
 	// TPM was cleared.
 	ErrWrongTPM = tpm.ErrWrongTPM
+	// ErrTPMOwnerAuth: the TPM owner hierarchy has a password, which the
+	// clevis format cannot carry. Remove it, or unlock another way.
+	ErrTPMOwnerAuth = tpm.ErrOwnerAuth
+	// ErrTPMBusy: the TPM kept answering "retry" (or another process held
+	// /dev/tpm0) beyond the bounded wait. Transient: try again later.
+	ErrTPMBusy = tpm.ErrBusy
 	// ErrTangUnreachable: the Tang server did not answer (network, DNS,
 	// server down, timeout).
 	ErrTangUnreachable = errors.New("Tang server unreachable")

@@ -8,6 +8,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/luksext/luksext/plugins/clevis"
 	"github.com/luksext/luksext/plugins/tpm"
 	"github.com/luksext/luksext/tests/testenv"
 )
@@ -32,12 +33,12 @@ func TestTPM2OwnerPasswordIsReported(t *testing.T) {
 	run("-c", "owner", "owner-secret")
 	_, err = f.c.Decrypt(f.ctx(), jwe)
 	require.Error(t, err)
-	assert.ErrorIs(t, err, tpm.ErrOwnerAuth)
+	assert.ErrorIs(t, err, clevis.ErrTPMOwnerAuth)
 	assert.NotErrorIs(t, err, tpm.ErrWrongTPM)
 	assert.NotErrorIs(t, err, tpm.ErrPolicyMismatch)
 	assert.Contains(t, err.Error(), "owner hierarchy")
 	_, err = f.c.Encrypt(f.ctx(), f.config("tpm2", `{}`), pt)
-	assert.ErrorIs(t, err, tpm.ErrOwnerAuth)
+	assert.ErrorIs(t, err, clevis.ErrTPMOwnerAuth)
 
 	run("-c", "owner", "-p", "owner-secret")
 	got, err := f.c.Decrypt(f.ctx(), jwe)

@@ -88,7 +88,7 @@ func TestTPM2UnsealRetriesPCRChanged(t *testing.T) {
 		racer.races.Store(1 << 20)
 		_, err = clevis.New(racer, nil).Decrypt(f.ctx(), jwe)
 		require.Error(t, err)
-		assert.ErrorIs(t, err, tpm.ErrBusy)
+		assert.ErrorIs(t, err, clevis.ErrTPMBusy)
 		assert.ErrorIs(t, err, tpm2.TPMRCPCRChanged)
 		assert.NotErrorIs(t, err, clevis.ErrPCRMismatch)
 		assert.Equal(t, int32(tpm.RetryAttempts), racer.unseals.Load())
