@@ -8,7 +8,8 @@
 //
 // In the guest:
 //   - the host root is mounted read-only at /, with writable overlays on
-//     tmpfs for /usr, /etc, /var, /opt and /root; their upper layers are
+//     tmpfs for /usr, /etc, /var, /opt, /root, /home, /srv, /mnt and
+//     /media; their upper layers are
 //     saved on the host on Reboot and restored on the next boot, so an
 //     installed plugin and its state in /etc and /var/lib survive a reboot
 //     like on a real host, while /run and /tmp start empty;

@@ -45,7 +45,9 @@ func FindKernel() (Kernel, error) {
 // versionLess compares dotted/dashed versions numerically where it can, so
 // 6.10 sorts after 6.9.
 func versionLess(a, b string) bool {
-	split := func(s string) []string { return strings.FieldsFunc(s, func(r rune) bool { return r == '.' || r == '-' }) }
+	split := func(s string) []string {
+		return strings.FieldsFunc(s, func(r rune) bool { return r == '.' || r == '-' })
+	}
 	pa, pb := split(a), split(b)
 	for i := 0; i < len(pa) && i < len(pb); i++ {
 		if pa[i] == pb[i] {

@@ -58,13 +58,19 @@ const (
 	defaultBootTimeout = 5 * time.Minute
 	defaultRunTimeout  = 10 * time.Minute
 	powerOffTimeout    = 2 * time.Minute
-	consoleTailBytes   = 60000
-	// persistDirs get writable overlays whose upper layers survive Reboot.
-	persistDirs = "usr etc var opt root"
+	consoleTailBytes   = 6000
+	// persistDirs get writable overlays whose upper layers survive Reboot:
+	// on a real host they are on disk (/mnt too: tests mount things there).
+	persistDirs = "usr etc var opt root home srv mnt media"
 	// hostRoot9p are the mount options of the read-only host root.
-	// cache=none (the default) makes binaries the host rebuilds between two
-	// Runs visible at once; LUKSEXT_VM_9P overrides it for experiments.
-	hostRoot9p = "msize=512000"
+	// cache=loose lets the guest keep host binaries and libraries in its
+	// page cache: every exec otherwise re-reads them over 9p, which made
+	// boots 3x slower (udev alone went from ~6 s to ~19 s) and clevis's
+	// many small processes crawl. The price: a file the host changes under
+	// / while the guest runs may be seen stale; build into WorkDir (no
+	// caching) instead, or drop the guest's caches. LUKSEXT_VM_9P overrides
+	// these options for experiments.
+	hostRoot9p = "msize=512000,cache=loose"
 )
 
 // Machine is a guest with its disks and vTPM; it can be booted many times.
@@ -315,15 +321,18 @@ func (m *Machine) qemuArgs(agentSock string) []string {
 	}
 	args := []string{
 		"-nodefaults", "-no-user-config", "-display", "none",
-		"-machine", "pc", "-accel", "tcg,thread=multi", "-cpu", "max",
+		"-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max",
 		"-smp", strconv.Itoa(m.cfg.CPUs), "-m", strconv.Itoa(m.cfg.MemoryMiB),
 		"-no-reboot",
 		"-kernel", m.kernel.Image, "-initrd", m.initrd,
 		"-append", strings.Join([]string{
-			"console=ttyS0", "panic=-1", "loglevel=7", "printk.time=1",
+			"console=ttyS0", "panic=-1", "loglevel=4", "printk.time=1",
 			// Skip probing hardware the guest does not have: under TCG
 			// every probe costs real seconds.
 			"i8042.noaux", "i8042.nokbd", "i8042.nopnp", "8250.nr_uarts=1",
+			// The kernel's crypto self-tests take ~3 s of TCG time
+			// at every boot; the host kernel package ran them already.
+			"cryptomgr.notests",
 			"luksext.9p=" + opts9p,
 		}, " "),
 		"-chardev", "file,id=console,append=on,path=" + filepath.Join(m.dir, "console.log"),

@@ -1,6 +1,8 @@
 package vm
 
 import (
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -16,5 +18,6 @@ func TestSmoke(t *testing.T) {
 	}
 	out, rc := m.Run(t, "uname -a; mount; ls -l /dev/disk/by-id /dev/tpm*; echo hi >&2; exit 3")
 	t.Logf("%s %d", out, rc)
-	t.Log(m.ConsoleTail())
+	b, _ := os.ReadFile(filepath.Join(m.dir, "console.log"))
+	os.WriteFile("/tmp/console-full.txt", b, 0o644)
 }

@@ -37,6 +37,10 @@ mkdir -p $R$CTL $R$OV
 step mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 luksextctl $R$CTL
 . $R$CTL/boot.env # WORKDIR PERSIST_DIRS BOOT
 log "stage 1 (boot $BOOT)"
+# The host's tar (run chrooted below) needs /proc: gnulib's fchmodat goes
+# through /proc/self/fd. Stage 1 keeps a /proc of its own.
+step mount --move /proc $R/proc
+step mount -t proc proc /proc
 
 # Writable overlays over the read-only host directories. Upper layers of
 # earlier boots come back from the control share (Reboot saved them with
@@ -52,7 +56,8 @@ done
 step mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs $R/tmp
 mkdir -p "$R$WORKDIR"
 step mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 luksextwork "$R$WORKDIR"
-for d in proc sys dev; do
+log "overlays and shares mounted"
+for d in sys dev; do
 	step mount --move /$d $R/$d
 done
 mkdir -p $R/dev/pts $R/dev/shm $R/run/lock

@@ -24,10 +24,14 @@ fail() {
 # SR's device after a reboot, and device-mapper's udev sync. The cold-plug
 # is limited to the devices tests use: replaying every device's uevent
 # makes udev load dozens of irrelevant modules, ~15 s under TCG.
+log "stage 2"
 /lib/systemd/systemd-udevd --daemon --resolve-names=never || fail "systemd-udevd"
+log "udevd started"
 udevadm trigger --action=add --subsystem-match=block --subsystem-match=tpm --subsystem-match=tpmrm \
 	--subsystem-match=virtio-ports --subsystem-match=misc --subsystem-match=mem
+log "udev triggered"
 udevadm settle --timeout=120 || log "udevadm settle timed out"
+log "udev settled"
 
 port=
 for n in /sys/class/virtio-ports/*/name; do
