@@ -313,6 +313,18 @@ func (st *state) do(cmd string, f flags) (string, error) {
 	return "", nil
 }
 
+// running reports whether pid exists and is not a zombie: the servers
+// qemu-nbd forks are reparented to init, which may reap them late.
+func running(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}
+
 func (st *state) waitGone(pid int) {
 	for i := 0; i < 100 && alive(pid); i++ {
 		time.Sleep(20 * time.Millisecond)
@@ -442,13 +454,10 @@ func closeImage(n int, m *minor) error {
 		}
 		// The image is complete on disk only once the server has flushed
 		// and exited: wait for it, as tapdisk's close returns after flush.
-		for i := 0; i < 1500 && m.NBDPID != 0; i++ {
-			if err := syscall.Kill(m.NBDPID, 0); err != nil {
-				break
-			}
+		for i := 0; i < 1500 && running(m.NBDPID); i++ {
 			time.Sleep(20 * time.Millisecond)
 		}
-		if syscall.Kill(m.NBDPID, 0) == nil {
+		if running(m.NBDPID) {
 			return fail(syscall.EBUSY, "qemu-nbd %d serving %s did not exit", m.NBDPID, dev)
 		}
 		m.NBDPID = 0
