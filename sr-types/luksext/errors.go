@@ -40,6 +40,8 @@ var classifications = []classification{
 	{smapi.KindNoSpace, is(luks.ErrNoSpace)},
 	{smapi.KindTPMUnavailable, is(clevis.ErrTPMAbsent)},
 	{smapi.KindTPMUnavailable, is(clevis.ErrTPMLockout)},
+	{smapi.KindTPMUnavailable, is(clevis.ErrTPMOwnerAuth)},
+	{smapi.KindTPMUnavailable, is(clevis.ErrTPMBusy)},
 	{smapi.KindKeyUnavailable, is(clevis.ErrPCRMismatch)},
 	{smapi.KindKeyUnavailable, is(clevis.ErrWrongTPM)},
 	{smapi.KindKeyUnavailable, is(clevis.ErrTangUnreachable)},
