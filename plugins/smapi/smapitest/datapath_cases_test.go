@@ -58,6 +58,9 @@ func (d *memDatapath) table() smapi.Table {
 			return smapi.QueryResult{Plugin: "mem", Name: "n", Description: "d", Vendor: "v", Copyright: "c", Version: "1",
 				RequiredAPIVersion: "5.0", Features: []string{}, Configuration: map[string]string{}, RequiredClusterStack: []string{}}, nil
 		}),
+		smapi.Handle("Plugin.diagnostics", smapi.ResultString, func(context.Context, smapi.DbgParams) (string, error) {
+			return "mem datapath", nil
+		}),
 		smapi.Handle("Datapath.attach", smapi.ResultBackend, func(_ context.Context, p smapi.DatapathParams) (smapi.Backend, error) {
 			if err := check(p.URI); err != nil {
 				return smapi.Backend{}, err
