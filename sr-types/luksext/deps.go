@@ -12,6 +12,7 @@ import (
 	"github.com/luksext/luksext/plugins/image"
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/run"
+	"github.com/luksext/luksext/plugins/tapdisk/attachment"
 	"github.com/luksext/luksext/plugins/tpm"
 	"github.com/luksext/luksext/plugins/xapi"
 )
@@ -24,6 +25,7 @@ const XAPISocketEnv = "LUKSEXT_XAPI_SOCKET"
 // LUKSEXT_XAPI_SOCKET.
 func RealDeps(log logrus.FieldLogger) Deps {
 	runner := run.NewExec(log)
+	attached := (&attachment.Manager{}).InUseUnder // the datapath's records, /run/luksext/datapath
 	spec, err := tpm.SpecFromEnv()
 	if err != nil {
 		log.WithError(err).Warn("ignoring " + tpm.EnvVar + "; using the host TPM")
@@ -38,7 +40,8 @@ func RealDeps(log logrus.FieldLogger) Deps {
 			FS:      fs.New(runner),
 			Probe:   blockdev.Prober{Run: runner},
 			GC:      processGC{},
+			InUse:   attached,
 		},
-		Volumes: VolumeDeps{Images: image.Files{Runner: runner}},
+		Volumes: VolumeDeps{Images: image.Files{Runner: runner}, InUse: attached},
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/secret"
 	"github.com/luksext/luksext/plugins/smapi"
+	"github.com/luksext/luksext/plugins/store"
 )
 
 // LUKS metadata states: SR.create writes "creating" right after the
@@ -77,10 +78,7 @@ func (s *srService) create(ctx context.Context, p smapi.SRCreateParams) (map[str
 	}
 	defer recovery.Wipe()
 
-	luksUUID, err := newUUID()
-	if err != nil {
-		return nil, err
-	}
+	luksUUID := store.NewID()
 	tpmPass, err := luks.NewKeyslotPassphrase()
 	if err != nil {
 		return nil, err

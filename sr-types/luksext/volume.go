@@ -25,6 +25,9 @@ type VolumeDeps struct {
 	// LockTimeout bounds waiting for the SR lock (default 2 minutes):
 	// xapi applies no timeout, so a stuck lock must become an error.
 	LockTimeout time.Duration
+	// InUse lists the images below a directory that VMs still have
+	// attached (the datapath's records); nil means none can be.
+	InUse func(dir string) ([]string, error)
 }
 
 // MaxChainDepth is the longest image chain a snapshot may create (SMAPIv1
@@ -257,6 +260,18 @@ func volumeDestroy(ctx context.Context, d VolumeDeps, p smapi.VolumeParams) erro
 	n, err := v.vdi(p.Key)
 	if err != nil {
 		return err
+	}
+	if d.InUse != nil {
+		path := v.st.ImagePath(n)
+		active, err := d.InUse(filepath.Dir(path))
+		if err != nil {
+			return err
+		}
+		for _, a := range active {
+			if a == filepath.Base(path) {
+				return smapi.Errorf(smapi.KindInUse, "volume %s is attached to a VM; shut the VM down or unplug the disk first", p.Key)
+			}
+		}
 	}
 	// Record first: once it is gone the VDI no longer exists for xapi; the
 	// leaf file left by a crash here is garbage the GC removes. Its parent

@@ -68,3 +68,20 @@ func TestSRLsFailsWhenSRIsNotThere(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(sr, store.MetaDir, "nodes", v.Key+".json"), []byte("{garbage"), 0o600))
 	ctx.ExpectError("SR.ls", map[string]any{"dbg": "t", "sr": sr}, "Needs_attention")
 }
+
+func TestVolumeDestroyRefusesAttachedVolume(t *testing.T) {
+	var attached []string
+	table := luksext.VolumeTable(luksext.Deps{Volumes: luksext.VolumeDeps{
+		InUse: func(string) ([]string, error) { return attached, nil },
+	}})
+	x := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify}}
+	ctx := &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: x, Table: table}}
+	sr := testSR(t)
+	var v smapi.Volume
+	ctx.MustSucceed("Volume.create", map[string]any{"dbg": "t", "sr": sr, "name": "a", "description": "", "size": 1 << 20, "sharable": false}, &v)
+	attached = []string{v.Key + ".vhd"}
+	ctx.ExpectError("Volume.destroy", map[string]any{"dbg": "t", "sr": sr, "key": v.Key}, "In_use")
+	ctx.MustSucceed("Volume.stat", map[string]any{"dbg": "t", "sr": sr, "key": v.Key}, nil)
+	attached = nil
+	ctx.MustSucceed("Volume.destroy", map[string]any{"dbg": "t", "sr": sr, "key": v.Key}, nil)
+}
