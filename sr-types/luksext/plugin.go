@@ -18,7 +18,7 @@ const (
 
 // VolumeFeatures are declared on top of what xapi-storage-script derives
 // from the method files present (smapiv3.md §2.7).
-var VolumeFeatures = []string{"SR_PROBE", "SR_UPDATE", "VDI_CREATE", "VDI_DELETE", "VDI_UPDATE", "VDI_RESIZE", "VDI_SNAPSHOT", "VDI_CLONE", "THIN_PROVISIONING"}
+var VolumeFeatures = []string{"SR_PROBE", "SR_UPDATE", "VDI_CREATE", "VDI_DELETE", "VDI_UPDATE", "VDI_RESIZE", "VDI_SNAPSHOT", "VDI_CLONE", "VDI_ACTIVATE_READONLY", "THIN_PROVISIONING"}
 
 // DatapathFeatures: none yet. NONPERSISTENT would make the daemon hand
 // reset-on-boot disks to Datapath.open/close; without it the daemon uses
