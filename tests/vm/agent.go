@@ -21,6 +21,7 @@ type agentConn struct {
 	pending map[string]chan int
 	ready   chan struct{}
 	saved   chan int
+	synced  chan struct{}
 	closed  chan struct{}
 }
 
@@ -49,6 +50,7 @@ func acceptAgent(ctx context.Context, ln *net.UnixListener, exited <-chan struct
 			pending: map[string]chan int{},
 			ready:   make(chan struct{}),
 			saved:   make(chan int, 1),
+			synced:  make(chan struct{}, 1),
 			closed:  make(chan struct{}),
 		}
 		go a.read()
@@ -83,6 +85,11 @@ func (a *agentConn) read() {
 			a.mu.Unlock()
 			if ch != nil {
 				ch <- rc
+			}
+		case len(f) == 1 && f[0] == "synced":
+			select {
+			case a.synced <- struct{}{}:
+			default:
 			}
 		case len(f) == 2 && f[0] == "saved":
 			rc, err := strconv.Atoi(f[1])
@@ -152,6 +159,24 @@ func (a *agentConn) save(ctx context.Context, exited <-chan struct{}) (int, erro
 		return -1, errors.New("QEMU exited while saving state")
 	case <-ctx.Done():
 		return -1, fmt.Errorf("saving state: %w", ctx.Err())
+	}
+}
+
+// syncForPowerOff asks the guest to sync its disks before the host stops
+// QEMU; it returns when the guest confirmed, or stopped by itself.
+func (a *agentConn) syncForPowerOff(ctx context.Context, exited <-chan struct{}) error {
+	if err := a.send("off"); err != nil {
+		return err
+	}
+	select {
+	case <-a.synced:
+		return nil
+	case <-exited:
+		return nil
+	case <-a.closed:
+		return errors.New("agent channel closed before sync")
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 

@@ -43,7 +43,8 @@ done
 # The agent: one line per request from the host.
 #   run ID   run $CTL/q/ID.sh with output to ID.out, answer "done ID RC"
 #   save     save the overlay upper layers for the next boot, answer "saved RC"
-#   off      sync and power off (the host sees QEMU exit)
+#   off      sync, answer "synced", power off if there is ACPI (the host
+#            stops QEMU otherwise)
 save() {
 	mkdir -p "$CTL/state" || return 1
 	for d in $PERSIST_DIRS; do
@@ -73,6 +74,7 @@ while IFS=' ' read -r verb id <&3; do
 	off)
 		log "power off"
 		sync
+		echo synced >&3
 		echo o >/proc/sysrq-trigger
 		;;
 	esac
