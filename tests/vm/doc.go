@@ -22,6 +22,13 @@
 //     modules load with modprobe, and with Config.TPM the vTPM is
 //     /dev/tpm0 and /dev/tpmrm0 (TPM2TOOLS_TCTI points tpm2-tools at it).
 //
+// Caveats: the host root is mounted with cache=loose (execs over 9p are
+// what boots and clevis spend their time on), so a file the host replaces
+// under / during a boot may be seen stale in the guest until
+// `echo 3 > /proc/sys/vm/drop_caches`; WorkDir is not cached. The guest
+// boots an unpacked PVH kernel without ACPI (see pvhCmdline): one CPU, the
+// TPM found at its fixed TIS address, no TPM event log.
+//
 // Scripts run through a small agent (bash, PID 1 of the guest) that reads
 // command ids from a virtio-serial port and runs the scripts the host left
 // in a control share, so a test boots once and runs many commands.
