@@ -510,7 +510,7 @@ func (m *Machine) Exec(ctx context.Context, script string, out io.Writer) (int, 
 			tail.pump()
 			b.agent.forget(id)
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return -1, fmt.Errorf("%w after %s", ErrTimeout, m.cfg.RunTimeout)
+				return -1, fmt.Errorf("%w (Config.RunTimeout is %s)", ErrTimeout, m.cfg.RunTimeout)
 			}
 			return -1, ctx.Err()
 		}

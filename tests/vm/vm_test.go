@@ -2,6 +2,7 @@ package vm
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"os"
@@ -82,17 +83,31 @@ cat /sys/block/vda/size /sys/block/vdb/size`)
 	t.Run("runs are concurrent", func(t *testing.T) {
 		// The first script waits for a file only the second creates: it
 		// can only succeed if both run at the same time.
+		// (Exec, not Run, in the goroutine: t.Fatal belongs to the test's.)
 		var wg sync.WaitGroup
-		var waitOut string
+		var waitOut bytes.Buffer
 		var waitRC int
+		var waitErr error
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			waitOut, waitRC = m.Run(t, `for i in $(seq 1200); do [ -e /tmp/go-ahead ] && echo seen && exit 0; sleep 0.1; done; exit 1`)
+			waitRC, waitErr = m.Exec(context.Background(),
+				`for i in $(seq 1200); do [ -e /tmp/go-ahead ] && echo seen && exit 0; sleep 0.1; done; exit 1`, &waitOut)
 		}()
 		m.MustRun(t, "sleep 1; touch /tmp/go-ahead")
 		wg.Wait()
-		assert.Equal(t, 0, waitRC, waitOut)
+		require.NoError(t, waitErr)
+		assert.Equal(t, 0, waitRC, waitOut.String())
+	})
+
+	t.Run("a script past its deadline is reported, the guest goes on", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		var out bytes.Buffer
+		_, err := m.Exec(ctx, "echo started; sleep 600", &out)
+		assert.ErrorIs(t, err, ErrTimeout)
+		assert.Equal(t, "started\n", out.String())
+		assert.Equal(t, "still here\n", m.MustRun(t, "echo still here"))
 	})
 
 	host, guest := m.WorkDir()
