@@ -36,7 +36,9 @@ bench: build
 	$(GO) test -tags bench -run '^TestBench' -count=1 -v -timeout 60m ./... | grep -E '^(BENCH|--- FAIL|FAIL|ok )' 
 
 demo: build
-	$(GO) run ./tests/vm/cmd/vmrun -tpm -disks 64M -script tests/demo/demo.sh
+	rm -rf build/demo && mkdir -p build/demo
+	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/build/demo/root BIN=$(CURDIR)/$(BIN)
+	$(GO) run ./tests/vm/cmd/vmrun -tpm -disk 64M -workdir $(CURDIR)/build/demo -f tests/demo/demo.sh
 
 # RPM_FROM=HEAD packs `git archive HEAD` instead of the working tree's tracked files.
 RPMDIR   ?= build/rpm
