@@ -37,7 +37,10 @@ func Start(t testing.TB, cfg Config) *Machine {
 }
 
 // Run runs a bash script as root in the guest (working directory: WorkDir)
-// and returns its combined stdout and stderr and its exit code. It fails
+// and returns its combined stdout and stderr and its exit code. The script
+// is sourced by a forked subshell of the guest agent's bash (a new bash
+// costs ~0.4 s under TCG): `exit N` ends it with N, `set -e` works, $0 is
+// not the script's name. It fails
 // the test if the guest stops or the script outlives Config.RunTimeout.
 func (m *Machine) Run(t testing.TB, script string) (output string, exitCode int) {
 	t.Helper()

@@ -60,10 +60,19 @@ echo ready >&3
 while IFS=' ' read -r verb id <&3; do
 	case "$verb" in
 	run)
+		# The script runs in a forked subshell of this bash rather than a
+		# new bash: exec'ing bash costs ~0.4 s under TCG, a fork 0.05 s.
 		# The port can be open only once (EBUSY), so the answer goes
 		# through the inherited fd 3, which the script itself does not get.
 		(
-			bash "$CTL/q/$id.sh" >"$CTL/q/$id.out" 2>&1 </dev/null 3>&-
+			(
+				exec 3>&- </dev/null >"$CTL/q/$id.out" 2>&1
+				set +u
+				script=$CTL/q/$id.sh
+				unset verb id port n
+				# shellcheck source=/dev/null
+				. "$script"
+			)
 			echo "done $id $?" >&3
 		) &
 		;;
