@@ -38,7 +38,8 @@ bench: build
 demo: build
 	rm -rf build/demo && mkdir -p build/demo
 	$(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/build/demo/root BIN=$(CURDIR)/$(BIN)
-	$(GO) run ./tests/vm/cmd/vmrun -tpm -disk 64M -workdir $(CURDIR)/build/demo -f tests/demo/demo.sh
+	$(GO) build -o $(BIN)/vmrun ./tests/vm/cmd/vmrun
+	$(BIN)/vmrun -tpm -disk 64M -workdir $(CURDIR)/build/demo -f tests/demo/demo.sh
 
 # RPM_FROM=HEAD packs `git archive HEAD` instead of the working tree's tracked files.
 RPMDIR   ?= build/rpm
