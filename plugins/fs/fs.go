@@ -90,7 +90,9 @@ func (f *FS) Unmount(ctx context.Context, dir string) error {
 	}
 	if ok {
 		if _, err := f.Run.Run(ctx, run.Cmd{Tool: "umount", Args: []string{dir}}); err != nil {
-			if _, still, _ := f.MountedAt(dir); still {
+			// umount also fails for "not mounted" (a race with another
+			// detach): only a mount that is still there is an error.
+			if _, still, merr := f.MountedAt(dir); merr != nil || still {
 				return fmt.Errorf("unmounting %s: %w: %v", dir, ErrBusy, err)
 			}
 		}

@@ -122,14 +122,34 @@ func (l *Lock) Release() error {
 }
 
 // Held reports whether another process (or descriptor) holds path in a
-// way that excludes mode. Used to see whether a daemon is alive.
+// way that excludes mode. Used to see whether a daemon is alive. It is a
+// question, so it creates nothing: a lock file that does not exist is not
+// held (and asking about an SR that is no longer mounted must not recreate
+// directories under its mountpoint).
 func Held(path string, mode Mode) (bool, error) {
-	l, ok, err := TryAcquire(path, mode)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
 	if err != nil {
-		return false, err
+		return false, fmt.Errorf("opening lock file: %w", err)
 	}
-	if ok {
-		l.Release()
+	defer f.Close()
+	how := syscall.LOCK_SH
+	if mode == Exclusive {
+		how = syscall.LOCK_EX
 	}
-	return !ok, nil
+	for {
+		err = syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB)
+		if err != syscall.EINTR {
+			break
+		}
+	}
+	if err == syscall.EWOULDBLOCK {
+		return true, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("locking %s: %w", path, err)
+	}
+	return false, nil // closing f drops the probe lock
 }

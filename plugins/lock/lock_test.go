@@ -63,3 +63,12 @@ func TestLockOfKilledProcessIsReleased(t *testing.T) {
 	require.NoError(t, err)
 	l.Release()
 }
+
+func TestHeldCreatesNothing(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "unmounted-sr")
+	held, err := Held(filepath.Join(dir, ".luksext", "gc", "running.lock"), Exclusive)
+	require.NoError(t, err)
+	assert.False(t, held)
+	_, err = os.Stat(dir)
+	assert.True(t, os.IsNotExist(err), "Held created %s", dir)
+}
