@@ -248,8 +248,9 @@ for i in $(seq 100); do curl -sf http://127.0.0.1:%d/adv >/dev/null && exit 0; s
 	t.Run("attach after it all", func(t *testing.T) {
 		g.ok(t, "SR.attach", attachParams(cfg), &sr)
 		g.ok(t, "SR.detach", map[string]any{"dbg": "t", "sr": sr}, nil)
-		leaks := g.MustRun(t, fmt.Sprintf(`grep -rlsF -e %q -e %q /var/log /run /tmp /root %s/luksext.out %s/luksext.err %s/luksext-killed.err 2>/dev/null || true`, adminRecovery, adminRotated, g.work, g.work, g.work))
+		leaks := g.MustRun(t, fmt.Sprintf(`grep -rlsF -D skip -e %q -e %q /var/log /run /tmp /root %s/luksext.out %s/luksext.err %s/luksext-killed.err 2>/dev/null || true`, adminRecovery, adminRotated, g.work, g.work, g.work))
 		assert.Equal(t, "", strings.TrimSpace(leaks), "a passphrase leaked into these files")
+		// -D skip: the agent keeps FIFOs under /run; reading one would block.
 	})
 }
 
