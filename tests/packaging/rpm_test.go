@@ -170,6 +170,7 @@ func TestRPMListsEveryMethodOfBothTables(t *testing.T) {
 	for _, f := range []string{
 		"/usr/libexec/luksext", "/usr/libexec/luksext/volume", "/usr/libexec/luksext/datapath",
 		"/usr/libexec/luksext/uninstall-check", "/etc/sysconfig/luksext", "/etc/rsyslog.d/luksext.conf",
+		"/usr/sbin/luksext", "/var/lib/luksext",
 	} {
 		assert.Contains(t, files, f)
 	}
