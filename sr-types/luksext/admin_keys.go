@@ -382,22 +382,30 @@ func (a *admin) recoverySet(ctx context.Context) (report, error) {
 		}
 		return nil, smapi.Errorf(smapi.KindAlreadyExists, "%s already has a recovery passphrase (keyslot %s); use 'luksext recovery rotate' to change it", t.describe(), joinInts(existing))
 	}
-	existing, by, err := a.authorise(ctx, t)
-	if err != nil {
-		return nil, err
-	}
-	defer existing.Wipe()
-	p, err := a.askNewPassphrase("recovery passphrase")
-	if err != nil {
-		return nil, err
-	}
-	defer p.Wipe()
-	slot, err := a.addPassphrase(ctx, t, existing, p, "recovery set", nil)
+	slot, by, err := a.newRecoveryPassphrase(ctx, t, "recovery set", nil)
 	if err != nil {
 		return nil, err
 	}
 	return keyChange{SR: t.SRUUID, Device: t.Dev, Action: "recovery set", Changed: true, NewKeyslot: intp(slot), AuthorisedBy: by, Settled: st,
 		Message: fmt.Sprintf("%s: recovery passphrase added in keyslot %d and proven to open it. Keep it offline.", t.describe(), slot)}, nil
+}
+
+// newRecoveryPassphrase authorises the change (a working binding, else the
+// current recovery passphrase), asks for the new passphrase and adds it,
+// removing the keyslots in replace once the new one is proven.
+func (a *admin) newRecoveryPassphrase(ctx context.Context, t target, action string, replace []int) (slot int, by string, err error) {
+	existing, by, err := a.authorise(ctx, t)
+	if err != nil {
+		return 0, "", err
+	}
+	defer existing.Wipe()
+	p, err := a.askNewPassphrase("recovery passphrase")
+	if err != nil {
+		return 0, "", err
+	}
+	defer p.Wipe()
+	slot, err = a.addPassphrase(ctx, t, existing, p, action, replace)
+	return slot, by, err
 }
 
 func (a *admin) recoveryRotate(ctx context.Context) (report, error) {
@@ -410,17 +418,7 @@ func (a *admin) recoveryRotate(ctx context.Context) (report, error) {
 	if len(old) == 0 {
 		return nil, smapi.Errorf(smapi.KindDeviceNotFound, "%s has no recovery passphrase to rotate; add one with 'luksext recovery set'", t.describe())
 	}
-	existing, by, err := a.authorise(ctx, t)
-	if err != nil {
-		return nil, err
-	}
-	defer existing.Wipe()
-	p, err := a.askNewPassphrase("recovery passphrase")
-	if err != nil {
-		return nil, err
-	}
-	defer p.Wipe()
-	slot, err := a.addPassphrase(ctx, t, existing, p, "recovery rotate", old)
+	slot, by, err := a.newRecoveryPassphrase(ctx, t, "recovery rotate", old)
 	if err != nil {
 		return nil, err
 	}
