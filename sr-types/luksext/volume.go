@@ -94,6 +94,31 @@ func (v *volumes) shared(ctx context.Context) (*lock.Lock, error) {
 	return v.lock(ctx, srLockPath(v.st), lock.Shared)
 }
 
+// openVDI is the prologue of every call on one existing VDI: the SR must be
+// attached, the SR lock taken (exclusive: a change of the image tree, which
+// first finishes a crashed call's work), and key must name a VDI. The
+// caller releases the lock.
+func openVDI(ctx context.Context, d VolumeDeps, sr, key string, exclusive bool) (*volumes, store.Node, *lock.Lock, error) {
+	v, err := openVolumes(ctx, d, sr)
+	if err != nil {
+		return nil, store.Node{}, nil, err
+	}
+	take := v.shared
+	if exclusive {
+		take = v.exclusive
+	}
+	l, err := take(ctx)
+	if err != nil {
+		return nil, store.Node{}, nil, err
+	}
+	n, err := v.vdi(key)
+	if err != nil {
+		l.Release()
+		return nil, store.Node{}, nil, err
+	}
+	return v, n, l, nil
+}
+
 // vdi reads the record of volume key, which must be a VDI.
 func (v *volumes) vdi(key string) (store.Node, error) {
 	n, err := v.st.Get(key)
@@ -203,19 +228,11 @@ func srLs(ctx context.Context, d VolumeDeps, p smapi.SRParams) ([]smapi.Volume, 
 }
 
 func volumeStat(ctx context.Context, d VolumeDeps, p smapi.VolumeParams) (smapi.Volume, error) {
-	v, err := openVolumes(ctx, d, p.SR)
-	if err != nil {
-		return smapi.Volume{}, err
-	}
-	l, err := v.shared(ctx)
+	v, n, l, err := openVDI(ctx, d, p.SR, p.Key, false)
 	if err != nil {
 		return smapi.Volume{}, err
 	}
 	defer l.Release()
-	n, err := v.vdi(p.Key)
-	if err != nil {
-		return smapi.Volume{}, err
-	}
 	return v.toVolume(n), nil
 }
 
@@ -248,19 +265,11 @@ func volumeCreate(ctx context.Context, d VolumeDeps, p smapi.VolumeCreateParams)
 }
 
 func volumeDestroy(ctx context.Context, d VolumeDeps, p smapi.VolumeParams) error {
-	v, err := openVolumes(ctx, d, p.SR)
-	if err != nil {
-		return err
-	}
-	l, err := v.exclusive(ctx)
+	v, n, l, err := openVDI(ctx, d, p.SR, p.Key, true)
 	if err != nil {
 		return err
 	}
 	defer l.Release()
-	n, err := v.vdi(p.Key)
-	if err != nil {
-		return err
-	}
 	if d.InUse != nil {
 		path := v.st.ImagePath(n)
 		active, err := d.InUse(filepath.Dir(path))
@@ -316,19 +325,11 @@ func updateVDI(ctx context.Context, d VolumeDeps, sr, key string, change func(*s
 }
 
 func volumeResize(ctx context.Context, d VolumeDeps, p smapi.VolumeResizeParams) error {
-	v, err := openVolumes(ctx, d, p.SR)
-	if err != nil {
-		return err
-	}
-	l, err := v.exclusive(ctx)
+	v, n, l, err := openVDI(ctx, d, p.SR, p.Key, true)
 	if err != nil {
 		return err
 	}
 	defer l.Release()
-	n, err := v.vdi(p.Key)
-	if err != nil {
-		return err
-	}
 	if p.NewSize < n.VirtualSize {
 		return fmt.Errorf("volume %s is %d bytes; cannot resize it to %d: %w", n.ID, n.VirtualSize, p.NewSize, image.ErrShrink)
 	}

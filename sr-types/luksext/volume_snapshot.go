@@ -66,19 +66,11 @@ func (v *volumes) chainDepth(n store.Node) (int, error) {
 }
 
 func volumeSnapshot(ctx context.Context, d VolumeDeps, p smapi.VolumeParams, clone bool) (smapi.Volume, error) {
-	v, err := openVolumes(ctx, d, p.SR)
-	if err != nil {
-		return smapi.Volume{}, err
-	}
-	l, err := v.exclusive(ctx)
+	v, a, l, err := openVDI(ctx, d, p.SR, p.Key, true)
 	if err != nil {
 		return smapi.Volume{}, err
 	}
 	defer l.Release()
-	a, err := v.vdi(p.Key)
-	if err != nil {
-		return smapi.Volume{}, err
-	}
 	depth, err := v.chainDepth(a)
 	if err != nil {
 		return smapi.Volume{}, err
