@@ -2,7 +2,7 @@
 #   build     static plugin binaries (CGO_ENABLED=0) in build/bin, version stamped
 #   install   DESTDIR=... the xapi-storage-script layout (atomic)
 #   test      every tier: unit, conformance, TPM/Tang interop, VM end-to-end
-#   lint      gofmt + go vet
+#   lint      gofmt + go vet + staticcheck (pinned in tests/lint/go.mod)
 #   bench     figures side by side with the reference tools, as ratios
 #   demo      build, then create/attach/use/detach an encrypted SR in a VM with a vTPM
 #   rpm       binary + source RPM (xcp-ng.spec) in build/rpm, offline once `go mod download` ran
@@ -28,6 +28,7 @@ install: build
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) tool -modfile=tests/lint/go.mod staticcheck ./...
 
 test: lint build
 	$(GO) test -count=1 -timeout $(TESTTIMEOUT) ./...

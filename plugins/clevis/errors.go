@@ -31,12 +31,15 @@ var (
 	ErrTPMBusy = tpm.ErrBusy
 	// ErrTangUnreachable: the Tang server did not answer (network, DNS,
 	// server down, timeout).
+	//lint:ignore ST1005 "Tang" is the name of the server software, capitalised as its project does
 	ErrTangUnreachable = errors.New("Tang server unreachable")
 	// ErrTangKeyUnknown: the server answered but no longer has the key this
 	// data was bound to (keys rotated and the old ones deleted).
+	//lint:ignore ST1005 "Tang" is the name of the server software, capitalised as its project does
 	ErrTangKeyUnknown = errors.New("Tang server no longer has the key this data was bound to")
 	// ErrThumbprintMismatch: the Tang server's signing keys are not the
 	// trusted ones (wrong server, or keys replaced).
+	//lint:ignore ST1005 "Tang" is the name of the server software, capitalised as its project does
 	ErrThumbprintMismatch = errors.New("Tang advertisement is not signed by the trusted key (thumbprint mismatch)")
 	// ErrMalformed: the JWE (or a Tang reply) is not what clevis writes.
 	ErrMalformed = jose.ErrMalformed

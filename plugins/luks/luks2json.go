@@ -36,7 +36,7 @@ func updateTokens(path string, change func(h *header, tokens map[string]json.Raw
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
 		return fmt.Errorf("locking %s: %w", path, err)
 	}
-	defer unix.Flock(int(f.Fd()), unix.LOCK_UN) //nolint:errcheck // released on close anyway
+	defer unix.Flock(int(f.Fd()), unix.LOCK_UN) // error ignored: the lock is released on close anyway
 
 	h, err := readHeaderFrom(f, path)
 	if err != nil {

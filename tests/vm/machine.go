@@ -84,20 +84,19 @@ type Machine struct {
 	qemuBin string
 	tpmBin  string
 
-	dir      string // disks, console log, control share
-	sockDir  string // short path for unix sockets (108-byte limit)
-	ctlDir   string
-	workDir  string
-	disks    []string
-	initrd   string
-	tpmGen   int // ReplaceTPM bumps it: a new state directory
-	bootNum  int
-	nextID   int
-	idMu     sync.Mutex
-	bootMu   sync.Mutex
-	cur      *boot
-	closed   bool
-	closeErr error
+	dir     string // disks, console log, control share
+	sockDir string // short path for unix sockets (108-byte limit)
+	ctlDir  string
+	workDir string
+	disks   []string
+	initrd  string
+	tpmGen  int // ReplaceTPM bumps it: a new state directory
+	bootNum int
+	nextID  int
+	idMu    sync.Mutex
+	bootMu  sync.Mutex
+	cur     *boot
+	closed  bool
 }
 
 // Launch prepares a machine in dir (which must exist and be empty-ish and

@@ -66,30 +66,42 @@ func jwkFromECDH(p *ecdh.PublicKey, crv string) (JWK, error) {
 }
 
 // Point arithmetic for the McCallum-Relyea exchange, which needs point
-// addition and subtraction that crypto/ecdh does not offer. crypto/elliptic
-// is deprecated for that reason only; every input is checked to be on the
-// curve (JWK.Point) before it gets here.
+// addition, subtraction and the full point of k·P; crypto/ecdh offers only
+// k·G and the x coordinate of k·P. crypto/elliptic is used for those alone;
+// every input is checked to be on the curve (JWK.Point) before it gets here.
 
 // AddPoints returns a + b.
 func AddPoints(c elliptic.Curve, ax, ay, bx, by *big.Int) (*big.Int, *big.Int) {
-	return c.Add(ax, ay, bx, by) //nolint:staticcheck
+	//lint:ignore SA1019 no replacement in the standard library for point addition (McCallum-Relyea)
+	return c.Add(ax, ay, bx, by)
 }
 
 // SubPoints returns a - b (b negated: y -> p - y).
 func SubPoints(c elliptic.Curve, ax, ay, bx, by *big.Int) (*big.Int, *big.Int) {
 	ny := new(big.Int).Sub(c.Params().P, by)
 	ny.Mod(ny, c.Params().P)
-	return c.Add(ax, ay, bx, ny) //nolint:staticcheck
+	//lint:ignore SA1019 no replacement in the standard library for point addition (McCallum-Relyea)
+	return c.Add(ax, ay, bx, ny)
 }
 
 // ScalarMult returns k·(x, y).
 func ScalarMult(c elliptic.Curve, x, y *big.Int, k []byte) (*big.Int, *big.Int) {
-	return c.ScalarMult(x, y, k) //nolint:staticcheck
+	//lint:ignore SA1019 crypto/ecdh returns only the x coordinate of k·P; McCallum-Relyea needs the point
+	return c.ScalarMult(x, y, k)
 }
 
-// ScalarBaseMult returns k·G.
+// ScalarBaseMult returns k·G for a scalar k in [1, n-1] (RandomScalar's
+// range), through crypto/ecdh: the public key of private key k is k·G.
 func ScalarBaseMult(c elliptic.Curve, k []byte) (*big.Int, *big.Int) {
-	return c.ScalarBaseMult(k) //nolint:staticcheck
+	priv, err := ecdhCurve(c.Params().Name).NewPrivateKey(k)
+	if err != nil {
+		// Only a scalar outside [1, n-1] gets here: a programming error,
+		// since every caller takes k from RandomScalar.
+		panic(fmt.Sprintf("jose: scalar out of range for %s", c.Params().Name))
+	}
+	raw := priv.PublicKey().Bytes()
+	size := (len(raw) - 1) / 2
+	return new(big.Int).SetBytes(raw[1 : 1+size]), new(big.Int).SetBytes(raw[1+size:])
 }
 
 // RandomScalar returns a uniformly random scalar in [1, n-1] as big-endian

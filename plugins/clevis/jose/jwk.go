@@ -4,7 +4,7 @@ import (
 	"crypto/ecdh"
 	"crypto/ecdsa"
 	"crypto/elliptic"
-	"crypto/sha1" //nolint:gosec // S1 thumbprints: old Tang servers and clevis still accept them
+	"crypto/sha1" // S1 thumbprints: old Tang servers and clevis still accept them
 	"crypto/sha256"
 	"crypto/sha512"
 	"encoding/json"
@@ -71,11 +71,33 @@ func (k JWK) Point() (elliptic.Curve, *big.Int, *big.Int, error) {
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	x, y := new(big.Int).SetBytes(xb), new(big.Int).SetBytes(yb)
-	if !c.IsOnCurve(x, y) { //nolint:staticcheck // no non-deprecated API validates affine points
+	// crypto/ecdh's NewPublicKey checks that the point is on the curve (and
+	// not the point at infinity); crypto/elliptic's IsOnCurve is deprecated.
+	if _, err := ecdhCurve(k.Crv).NewPublicKey(uncompressed(xb, yb)); err != nil {
 		return nil, nil, nil, fmt.Errorf("%w: EC point is not on %s", ErrMalformed, k.Crv)
 	}
-	return c, x, y, nil
+	return c, new(big.Int).SetBytes(xb), new(big.Int).SetBytes(yb), nil
+}
+
+// uncompressed is the SEC 1 encoding 0x04 || x || y of same-size coordinates.
+func uncompressed(x, y []byte) []byte {
+	raw := make([]byte, 0, 1+len(x)+len(y))
+	raw = append(raw, 4)
+	raw = append(raw, x...)
+	return append(raw, y...)
+}
+
+// ecdhCurve is the crypto/ecdh curve of a JWK curve name that Curve has
+// already accepted.
+func ecdhCurve(crv string) ecdh.Curve {
+	switch crv {
+	case "P-256":
+		return ecdh.P256()
+	case "P-384":
+		return ecdh.P384()
+	default:
+		return ecdh.P521()
+	}
 }
 
 // ECJWK builds the public JWK of a point.
@@ -87,32 +109,31 @@ func ECJWK(c elliptic.Curve, x, y *big.Int) JWK {
 
 // ECDHPublic converts the JWK to a crypto/ecdh key (for ECDH-ES encryption).
 func (k JWK) ECDHPublic() (*ecdh.PublicKey, error) {
+	raw, err := k.pointBytes()
+	if err != nil {
+		return nil, err
+	}
+	return ecdhCurve(k.Crv).NewPublicKey(raw)
+}
+
+// ECDSAPublic converts the JWK to an ECDSA verification key.
+func (k JWK) ECDSAPublic() (*ecdsa.PublicKey, error) {
+	raw, err := k.pointBytes()
+	if err != nil {
+		return nil, err
+	}
+	c, _ := k.Curve()
+	return ecdsa.ParseUncompressedPublicKey(c, raw)
+}
+
+// pointBytes is the checked point of the JWK in SEC 1 uncompressed form.
+func (k JWK) pointBytes() ([]byte, error) {
 	c, x, y, err := k.Point()
 	if err != nil {
 		return nil, err
 	}
 	size := (c.Params().BitSize + 7) / 8
-	raw := append([]byte{4}, x.FillBytes(make([]byte, size))...)
-	raw = append(raw, y.FillBytes(make([]byte, size))...)
-	var curve ecdh.Curve
-	switch k.Crv {
-	case "P-256":
-		curve = ecdh.P256()
-	case "P-384":
-		curve = ecdh.P384()
-	default:
-		curve = ecdh.P521()
-	}
-	return curve.NewPublicKey(raw)
-}
-
-// ECDSAPublic converts the JWK to an ECDSA verification key.
-func (k JWK) ECDSAPublic() (*ecdsa.PublicKey, error) {
-	c, x, y, err := k.Point()
-	if err != nil {
-		return nil, err
-	}
-	return &ecdsa.PublicKey{Curve: c, X: x, Y: y}, nil
+	return uncompressed(x.FillBytes(make([]byte, size)), y.FillBytes(make([]byte, size))), nil
 }
 
 // Thumbprint algorithms as clevis names them (jose jwk thp -a).
@@ -129,7 +150,7 @@ func (k JWK) Thumbprint(alg string) (string, error) {
 	case ThpS256:
 		h = sha256.New()
 	case ThpS1:
-		h = sha1.New() //nolint:gosec
+		h = sha1.New()
 	case "S512":
 		h = sha512.New()
 	default:
