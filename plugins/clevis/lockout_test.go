@@ -12,7 +12,8 @@ import (
 // Wrong passwords for any DA-protected TPM key put the whole TPM into
 // dictionary-attack lockout. clevis' sealed objects carry noDA, but their
 // parent, the primary made from tpm2-tools' default template, does not
-// (and cannot gain it without changing the key, clevis.md §1.3), so Load
+// (and cannot gain it without changing the key: the template's attributes
+// are part of the key's name, tpm2-tools lib/tpm2_alg_util.c), so Load
 // is refused: unlocks fail in lockout, for clevis as for us. They must
 // fail with the lockout kind and a message that says what to do, never
 // as a policy or wrong-TPM error, and work again once it is cleared.

@@ -18,7 +18,8 @@ import (
 	"github.com/luksext/luksext/plugins/vhd"
 )
 
-// Size limits (ref/formats.md §1.2, §2.3).
+// Size limits: a VHD addresses at most 2040 GiB (blktap vhd-util and
+// xcp-ng/sm vhdutil.py MAX_VHD_SIZE); above that XCP-ng uses qcow2.
 const (
 	// VHDMax is the largest VHD XCP-ng accepts.
 	VHDMax = vhd.MaxSize

@@ -81,7 +81,8 @@ func (m *Manager) Format(ctx context.Context, dev string, o FormatOptions) (int,
 	args = append(args, "--cipher", "aes-xts-plain64", "--key-size", "512")
 	if version == 2 {
 		// 512-byte sectors: tapdisk and vhd-util write 512-byte O_DIRECT
-		// I/O, which a 4096-sector dm-crypt refuses (ref/formats.md §5);
+		// I/O, which a 4096-sector dm-crypt refuses (EINVAL for I/O not
+		// aligned to the sector size, kernel drivers/md/dm-crypt.c);
 		// cryptsetup >= 2.4 would pick 4096 by itself on 4Kn/512e disks.
 		args = append(args, "--sector-size", "512")
 		if o.Label != "" {

@@ -15,7 +15,8 @@ import (
 
 // NewKeyslotPassphrase returns 256 random bits as 43 base64url characters.
 // Printable and newline-free, because clevis hands the unsealed JWE
-// plaintext to cryptsetup verbatim through a shell pipe (ref/clevis.md §2.3).
+// plaintext to cryptsetup verbatim through a shell pipe (clevis
+// src/luks/clevis-luks-common-functions.in, clevis_luks_unlock_device).
 func NewKeyslotPassphrase() (secret.Bytes, error) {
 	raw, err := secret.Random(32)
 	if err != nil {

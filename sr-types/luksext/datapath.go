@@ -84,7 +84,8 @@ func (dp datapath) attach(ctx context.Context, p smapi.DatapathParams) (smapi.Ba
 	}
 	// xenopsd needs the XenDisk for a guest VBD and takes the device from
 	// the BlockDevice; dom0 (import/export, loopback VBDs) uses the
-	// BlockDevice directly (smapiv3.md §5.6).
+	// BlockDevice directly (xen-api xenops_server_xen.ml params_of_backend,
+	// xapi_vbd.ml plug).
 	return smapi.Backend{Implementations: []smapi.Implementation{
 		{XenDisk: &smapi.XenDisk{Params: dev, Extra: map[string]string{}, BackendType: "vbd3"}},
 		{BlockDevice: &smapi.PathImpl{Path: dev}},

@@ -17,7 +17,9 @@ const (
 )
 
 // VolumeFeatures are declared on top of what xapi-storage-script derives
-// from the method files present (smapiv3.md §2.7).
+// from the method files present (xen-api ocaml/xapi-storage-script/main.ml
+// QueryImpl.query_impl adds SR_ATTACH for SR.attach, VDI_CREATE for
+// Volume.create, ...; xapi drops names smint.ml does not know).
 var VolumeFeatures = []string{"SR_PROBE", "SR_UPDATE", "VDI_CREATE", "VDI_DELETE", "VDI_UPDATE", "VDI_RESIZE", "VDI_SNAPSHOT", "VDI_CLONE", "VDI_ACTIVATE_READONLY", "THIN_PROVISIONING"}
 
 // DatapathFeatures: none yet. NONPERSISTENT would make the daemon hand

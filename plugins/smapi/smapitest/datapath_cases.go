@@ -7,7 +7,8 @@ import (
 )
 
 // Datapath conformance: what xapi-storage-script and xenopsd rely on from
-// any datapath plugin (smapiv3.md §4.4, §5.5, §5.6): every call idempotent,
+// any datapath plugin (xen-api ocaml/xapi-storage/generator/lib/data.ml,
+// xapi-storage-script main.ml, xenopsd storage.ml): every call idempotent,
 // use counted per domain, a XenDisk plus a dom0-usable path from attach,
 // and a detach that never fails for something that is not attached.
 

@@ -386,7 +386,7 @@ func (m *Manager) stillThere(ctx context.Context, rec *Record, cond func(tapdisk
 
 // match returns the recorded domains a deactivate/detach for domain
 // applies to. xenopsd passes "" when the guest's domid is already gone
-// during teardown (smapiv3.md §5.5); it then means the one guest domain
+// during teardown (xen-api ocaml/xenopsd/lib/storage.ml vm_of_domid); it then means the one guest domain
 // using the volume, if there is exactly one, so its tapdisk is not leaked.
 func (r *Record) match(domain string) []string {
 	if _, ok := r.Domains[domain]; ok {
