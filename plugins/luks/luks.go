@@ -8,8 +8,8 @@
 // cryptsetup CLI (behind run.Runner), with passphrases on stdin or an
 // inherited pipe only. Header reads, LUKS2 token writes and luksmeta are
 // done in Go, because dom0's cryptsetup may be too old to do them
-// (dom0 runs cryptsetup 1.7.4, maybe 2.0.3: 1.7.x has no LUKS2, 2.0.3 has
-// no `token import`, which came in 2.0.4 per its release notes).
+// (dom0 runs cryptsetup 1.7.4, maybe 2.0.3: 1.7.x has no LUKS2, and the
+// 2.0.3 CLI has no `token import`/`token export`).
 package luks
 
 import (
