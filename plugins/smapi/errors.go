@@ -103,30 +103,33 @@ type Backtrace struct {
 	Lines []int    `json:"lines"`
 }
 
-// ToRecord is the ONE place that turns a Go error into the record xapi
-// shows. The kind comes from the outermost *Error in the chain, else from
-// classify, else context cancellation, else Internal_error.
-func ToRecord(err error, classify Classifier) ErrorRecord {
-	kind := KindInternal
-	msg := err.Error()
-	var files []string
-	var lines []int
+// KindOf is the ONE rule that gives an error its kind: the outermost
+// *Error in the chain, else classify, else context cancellation or
+// deadline, else Internal_error. ToRecord and the operator command's exit
+// codes both use it, so they never disagree.
+func KindOf(err error, classify Classifier) Kind {
 	var se *Error
-	switch {
-	case errors.As(err, &se):
-		kind = se.Kind
-		if se.file != "" {
-			files, lines = []string{se.file}, []int{se.line}
-		}
-	default:
-		if k, ok := classifyWith(classify, err); ok {
-			kind = k
-		} else if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-			kind = KindCancelled
-		}
+	if errors.As(err, &se) {
+		return se.Kind
 	}
-	if files == nil {
-		files, lines = []string{}, []int{}
+	if k, ok := classifyWith(classify, err); ok {
+		return k
+	}
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return KindCancelled
+	}
+	return KindInternal
+}
+
+// ToRecord is the ONE place that turns a Go error into the record xapi
+// shows, with the kind KindOf gives it.
+func ToRecord(err error, classify Classifier) ErrorRecord {
+	kind := KindOf(err, classify)
+	msg := err.Error()
+	files, lines := []string{}, []int{}
+	var se *Error
+	if errors.As(err, &se) && se.file != "" {
+		files, lines = []string{se.file}, []int{se.line}
 	}
 	return ErrorRecord{
 		Code:      kind.Code,

@@ -99,7 +99,7 @@ func Main(ctx context.Context, p Plugin, inv Invocation) (status int) {
 	}
 	m, ok := p.Table.Lookup(method)
 	if !ok || !m.Implemented() {
-		err = Errorf(KindUnimplemented, "%s is not implemented by the luksext %s plugin", method, p.Kind)
+		err = Errorf(KindUnimplemented, "%s is not implemented by this %s plugin", method, p.Kind)
 		return
 	}
 	timeout := m.Timeout

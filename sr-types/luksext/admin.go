@@ -206,16 +206,8 @@ func classifyAdminError(err error) (int, string) {
 		return ExitUsage, "Usage"
 	case errors.Is(err, ErrRefused):
 		return ExitRefused, "Refused"
-	case errors.Is(err, context.Canceled):
-		return ExitFailure, smapi.KindCancelled.Name
 	}
-	kind := smapi.KindInternal
-	var se *smapi.Error
-	if errors.As(err, &se) {
-		kind = se.Kind
-	} else if k, ok := Classify(err); ok {
-		kind = k
-	}
+	kind := smapi.KindOf(err, Classify)
 	switch kind {
 	case smapi.KindWrongPassphrase:
 		return ExitWrongPassphrase, kind.Name

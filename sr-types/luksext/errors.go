@@ -1,7 +1,6 @@
 package luksext
 
 import (
-	"errors"
 	"syscall"
 
 	"github.com/luksext/luksext/plugins/blockdev"
@@ -17,51 +16,50 @@ import (
 	"github.com/luksext/luksext/plugins/xapi"
 )
 
+// classification gives errors that wrap target (errors.Is) a kind.
 type classification struct {
-	kind  smapi.Kind
-	match func(error) bool
+	kind   smapi.Kind
+	target error
 }
-
-func is(target error) func(error) bool { return func(err error) bool { return errors.Is(err, target) } }
 
 // classifications maps domain sentinels to kinds, most specific first. An
 // error that is already an *smapi.Error keeps its own kind; everything
-// else not matched here becomes Internal_error.
+// else not matched here becomes Internal_error (smapi.KindOf).
 var classifications = []classification{
-	{smapi.KindToolMissing, is(run.ErrToolMissing)},
-	{smapi.KindNoSpace, is(syscall.ENOSPC)},
-	{smapi.KindDeviceNotBlank, is(blockdev.ErrSignaturePresent)},
-	{smapi.KindDeviceNotFound, is(luks.ErrDeviceNotFound)},
-	{smapi.KindDeviceNotFound, is(blockdev.ErrDeviceNotFound)},
-	{smapi.KindWrongPassphrase, is(luks.ErrWrongPassphrase)},
-	{smapi.KindInUse, is(luks.ErrBusy)},
-	{smapi.KindInUse, is(fs.ErrBusy)},
-	{smapi.KindNeedsAttention, is(fs.ErrCorrupt)},
-	{smapi.KindNoSpace, is(luks.ErrNoSpace)},
-	{smapi.KindTPMUnavailable, is(clevis.ErrTPMAbsent)},
-	{smapi.KindTPMUnavailable, is(clevis.ErrTPMLockout)},
-	{smapi.KindTPMUnavailable, is(clevis.ErrTPMOwnerAuth)},
-	{smapi.KindTPMUnavailable, is(clevis.ErrTPMBusy)},
-	{smapi.KindKeyUnavailable, is(clevis.ErrPCRMismatch)},
-	{smapi.KindKeyUnavailable, is(clevis.ErrWrongTPM)},
-	{smapi.KindKeyUnavailable, is(clevis.ErrTangUnreachable)},
-	{smapi.KindKeyUnavailable, is(clevis.ErrTangKeyUnknown)},
-	{smapi.KindKeyUnavailable, is(clevis.ErrThresholdNotMet)},
-	{smapi.KindInvalidConfiguration, is(clevis.ErrThumbprintMismatch)},
-	{smapi.KindInvalidConfiguration, is(clevis.ErrInvalidConfig)},
-	{smapi.KindInvalidConfiguration, is(xapi.ErrSecretNotFound)},
-	{smapi.KindInternal, is(xapi.ErrUnreachable)},
-	{smapi.KindInvalidParameters, is(ErrBadURI)},
-	{smapi.KindInvalidParameters, is(attachment.ErrNotAttached)},
-	{smapi.KindInUse, is(attachment.ErrInUse)},
-	{smapi.KindNeedsAttention, is(attachment.ErrDamagedRecord)},
+	{smapi.KindToolMissing, run.ErrToolMissing},
+	{smapi.KindNoSpace, syscall.ENOSPC},
+	{smapi.KindDeviceNotBlank, blockdev.ErrSignaturePresent},
+	{smapi.KindDeviceNotFound, luks.ErrDeviceNotFound},
+	{smapi.KindDeviceNotFound, blockdev.ErrDeviceNotFound},
+	{smapi.KindWrongPassphrase, luks.ErrWrongPassphrase},
+	{smapi.KindInUse, luks.ErrBusy},
+	{smapi.KindInUse, fs.ErrBusy},
+	{smapi.KindNeedsAttention, fs.ErrCorrupt},
+	{smapi.KindNoSpace, luks.ErrNoSpace},
+	{smapi.KindTPMUnavailable, clevis.ErrTPMAbsent},
+	{smapi.KindTPMUnavailable, clevis.ErrTPMLockout},
+	{smapi.KindTPMUnavailable, clevis.ErrTPMOwnerAuth},
+	{smapi.KindTPMUnavailable, clevis.ErrTPMBusy},
+	{smapi.KindKeyUnavailable, clevis.ErrPCRMismatch},
+	{smapi.KindKeyUnavailable, clevis.ErrWrongTPM},
+	{smapi.KindKeyUnavailable, clevis.ErrTangUnreachable},
+	{smapi.KindKeyUnavailable, clevis.ErrTangKeyUnknown},
+	{smapi.KindKeyUnavailable, clevis.ErrThresholdNotMet},
+	{smapi.KindInvalidConfiguration, clevis.ErrThumbprintMismatch},
+	{smapi.KindInvalidConfiguration, clevis.ErrInvalidConfig},
+	{smapi.KindInvalidConfiguration, xapi.ErrSecretNotFound},
+	{smapi.KindInternal, xapi.ErrUnreachable},
+	{smapi.KindInvalidParameters, ErrBadURI},
+	{smapi.KindInvalidParameters, attachment.ErrNotAttached},
+	{smapi.KindInUse, attachment.ErrInUse},
+	{smapi.KindNeedsAttention, attachment.ErrDamagedRecord},
 	// volumes
-	{smapi.KindVolumeDoesNotExist, is(store.ErrNotFound)},
-	{smapi.KindNeedsAttention, is(store.ErrCorrupt)},
-	{smapi.KindSRNotAttached, is(store.ErrUnreadable)},
-	{smapi.KindInvalidParameters, is(image.ErrShrink)},
-	{smapi.KindInvalidParameters, is(image.ErrTooLarge)},
-	{smapi.KindInvalidParameters, is(image.ErrInvalidSize)},
-	{smapi.KindInUse, is(ErrChainTooDeep)},
-	{smapi.KindInUse, is(lock.ErrTimeout)},
+	{smapi.KindVolumeDoesNotExist, store.ErrNotFound},
+	{smapi.KindNeedsAttention, store.ErrCorrupt},
+	{smapi.KindSRNotAttached, store.ErrUnreadable},
+	{smapi.KindInvalidParameters, image.ErrShrink},
+	{smapi.KindInvalidParameters, image.ErrTooLarge},
+	{smapi.KindInvalidParameters, image.ErrInvalidSize},
+	{smapi.KindInUse, ErrChainTooDeep},
+	{smapi.KindInUse, lock.ErrTimeout},
 }

@@ -2,6 +2,7 @@ package luksext
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -109,7 +110,7 @@ func DatapathTable(d Deps) smapi.Table {
 // one table of that mapping; smapi.ToRecord consults it.
 func Classify(err error) (smapi.Kind, bool) {
 	for _, c := range classifications {
-		if c.match(err) {
+		if errors.Is(err, c.target) {
 			return c.kind, true
 		}
 	}

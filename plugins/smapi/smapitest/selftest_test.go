@@ -87,6 +87,7 @@ func TestSuiteCatchesMalformedPlugins(t *testing.T) {
 		{"params not strings", "Volume.stat", `{"code":"SR_BACKEND_FAILURE","params":["x",1],"backtrace":{"error":"","files":[],"lines":[]}}`, 1, "params[1] must be a string"},
 		{"backtrace lines not ints", "Volume.stat", `{"code":"SR_BACKEND_FAILURE","params":["x"],"backtrace":{"error":"","files":[],"lines":["12"]}}`, 1, "lines[0] must be an integer"},
 		{"missing required field", "SR.stat", `{"sr":"s","name":"n","total_space":1,"free_space":1,"datasources":[],"clustered":false,"health":["Healthy",""]}`, 0, `required field "description" is missing`},
+		{"error that does not name the missing parameter", "Plugin.Query", `{"code":"SR_BACKEND_FAILURE","params":["Invalid_parameters","bad call"],"backtrace":{"error":"","files":[],"lines":[]}}`, 1, "does not name the missing parameter"},
 		{"wrong api version", "Plugin.Query", strings.Replace(query, `"5.0"`, `"4.0"`, 1), 0, "required_api_version"},
 	}
 	for _, tc := range cases {

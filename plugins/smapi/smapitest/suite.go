@@ -258,7 +258,11 @@ func caseMissingParam(c *Ctx) {
 	if r.ExitCode == 0 {
 		c.T.Errorf("Plugin.Query without dbg succeeded; required parameters must be checked")
 	}
-	_ = rec
+	// xe shows the record's params: they must name what is missing, or the
+	// administrator is left guessing.
+	if rec != nil && !strings.Contains(strings.Join(rec.Params, " "), "dbg") {
+		c.T.Errorf("Plugin.Query without dbg: the error %v does not name the missing parameter", rec.Params)
+	}
 }
 
 func caseFiles(c *Ctx) {
