@@ -230,16 +230,25 @@ func (c Config) JSON() ([]byte, error) {
 	return nil, fmt.Errorf("%w: empty configuration", ErrInvalidConfig)
 }
 
+// tpm2Defaults fills in what clevis-pin-tpm2 assumes when a tpm2
+// configuration or JWE header leaves it out: sha256 name algorithm, an ECC
+// primary, and the sha256 bank when PCRs are named (the shell pin has no
+// default bank and fails instead). Binding and unlocking share it, so a
+// JWE we write reads back with the same defaults.
+func tpm2Defaults(hash, key, bank *string, hasPCRs bool) {
+	if *hash == "" {
+		*hash = "sha256"
+	}
+	if *key == "" {
+		*key = "ecc"
+	}
+	if hasPCRs && *bank == "" {
+		*bank = "sha256"
+	}
+}
+
 func (t TPM2Config) withDefaults() TPM2Config {
-	if t.Hash == "" {
-		t.Hash = "sha256"
-	}
-	if t.Key == "" {
-		t.Key = "ecc"
-	}
-	if len(t.PCRIDs) > 0 && t.PCRBank == "" {
-		t.PCRBank = "sha256"
-	}
+	tpm2Defaults(&t.Hash, &t.Key, &t.PCRBank, len(t.PCRIDs) > 0)
 	if len(t.PCRIDs) == 0 {
 		t.PCRBank = ""
 	}

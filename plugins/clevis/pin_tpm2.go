@@ -290,17 +290,7 @@ func (c *Client) decryptTPM2(ctx context.Context, j *jose.JWE, h tpm2Header) (se
 	if j.Header.Alg != jose.AlgDir {
 		return secret.Bytes{}, fmt.Errorf("%w: tpm2 JWE with alg %q, want dir", ErrMalformed, j.Header.Alg)
 	}
-	// Defaults as clevis-pin-tpm2 applies them (the shell pin has no
-	// default bank and fails instead).
-	if h.Hash == "" {
-		h.Hash = "sha256"
-	}
-	if h.Key == "" {
-		h.Key = "ecc"
-	}
-	if len(h.PCRIDs) > 0 && h.PCRBank == "" {
-		h.PCRBank = "sha256"
-	}
+	tpm2Defaults(&h.Hash, &h.Key, &h.PCRBank, len(h.PCRIDs) > 0)
 	nameAlg, ok := hashAlgs[h.Hash]
 	bank, bankOK := hashAlgs[h.PCRBank]
 	if !ok || (h.Key != "ecc" && h.Key != "rsa") || (len(h.PCRIDs) > 0 && !bankOK) {
