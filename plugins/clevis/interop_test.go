@@ -104,6 +104,24 @@ func newPlaintext(t *testing.T) secret.Bytes {
 
 // bothWays checks that clevis decrypts what we encrypt under cfg and that
 // we decrypt what clevis encrypts under the same cfg.
+// encryptBoth seals pt under one tpm2 policy twice: with our Encrypt and
+// with stock clevis, so a test can hold both to the same expectation.
+func (f *fixture) encryptBoth(t *testing.T, cfg string, pt secret.Bytes) (ours, theirs string) {
+	t.Helper()
+	ours, err := f.c.Encrypt(f.ctx(), f.config("tpm2", cfg), pt)
+	require.NoError(t, err)
+	return ours, f.clevisEncrypt("tpm2", cfg, pt.Expose())
+}
+
+// sssTPMTang seals pt to sss(t=threshold) of {the TPM, the fixture's Tang}.
+func (f *fixture) sssTPMTang(t *testing.T, threshold int, pt secret.Bytes) string {
+	t.Helper()
+	cfg := fmt.Sprintf(`{"t":%d,"pins":{"tpm2":{},"tang":{"url":%q,"thp":%q}}}`, threshold, f.tang.URL, f.tang.Thp)
+	jwe, err := f.c.Encrypt(f.ctx(), f.config("sss", cfg), pt)
+	require.NoError(t, err)
+	return jwe
+}
+
 func (f *fixture) bothWays(pin, cfg string) {
 	f.t.Helper()
 	pt := newPlaintext(f.t)
@@ -155,9 +173,7 @@ func TestTPM2PCRExtendIsPolicyMismatch(t *testing.T) {
 	f := newFixture(t, false)
 	const cfg = `{"pcr_bank":"sha256","pcr_ids":"7"}`
 	pt := newPlaintext(t)
-	ours, err := f.c.Encrypt(f.ctx(), f.config("tpm2", cfg), pt)
-	require.NoError(t, err)
-	theirs := f.clevisEncrypt("tpm2", cfg, pt.Expose())
+	ours, theirs := f.encryptBoth(t, cfg, pt)
 
 	f.extendPCR(7)
 	for name, jwe := range map[string]string{"ours": ours, "clevis'": theirs} {
@@ -167,7 +183,7 @@ func TestTPM2PCRExtendIsPolicyMismatch(t *testing.T) {
 		assert.ErrorIs(t, err, clevis.ErrPCRMismatch, name)
 		assert.Contains(t, err.Error(), "PCR 7 (sha256) changed since the key was sealed", name)
 	}
-	_, err = f.clevisDecrypt(ours)
+	_, err := f.clevisDecrypt(ours)
 	assert.Error(t, err, "clevis must refuse too")
 
 	// A PCR not in the policy does not matter.
@@ -188,9 +204,7 @@ func TestTPM2OtherTPMRefuses(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			f := newFixture(t, false)
 			pt := newPlaintext(t)
-			ours, err := f.c.Encrypt(f.ctx(), f.config("tpm2", cfg), pt)
-			require.NoError(t, err)
-			theirs := f.clevisEncrypt("tpm2", cfg, pt.Expose())
+			ours, theirs := f.encryptBoth(t, cfg, pt)
 
 			other := tpmtest.Start(t)
 			c2 := clevis.New(other.Spec, nil)
@@ -251,13 +265,7 @@ func TestTangTrustIsExplicit(t *testing.T) {
 func TestSSSWithTangDown(t *testing.T) {
 	f := newFixture(t, true)
 	pt := newPlaintext(t)
-	mk := func(threshold int) string {
-		cfg := fmt.Sprintf(`{"t":%d,"pins":{"tpm2":{},"tang":{"url":%q,"thp":%q}}}`, threshold, f.tang.URL, f.tang.Thp)
-		jwe, err := f.c.Encrypt(f.ctx(), f.config("sss", cfg), pt)
-		require.NoError(t, err)
-		return jwe
-	}
-	t1, t2 := mk(1), mk(2)
+	t1, t2 := f.sssTPMTang(t, 1, pt), f.sssTPMTang(t, 2, pt)
 	f.tang.Stop()
 
 	_, err := f.c.Decrypt(f.ctx(), t2)
@@ -287,9 +295,7 @@ func TestTPM2SealedObjectMatchesClevis(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			f := newFixture(t, false)
 			pt := newPlaintext(t)
-			ours, err := f.c.Encrypt(f.ctx(), f.config("tpm2", cfg), pt)
-			require.NoError(t, err)
-			theirs := f.clevisEncrypt("tpm2", cfg, pt.Expose())
+			ours, theirs := f.encryptBoth(t, cfg, pt)
 			a, b := tpm2Header(t, ours), tpm2Header(t, theirs)
 			assert.Equal(t, b["hash"], a["hash"])
 			assert.Equal(t, b["key"], a["key"])

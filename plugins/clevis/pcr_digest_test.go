@@ -37,9 +37,7 @@ func TestTPM2PredictedPCRDigest(t *testing.T) {
 	next := sha256.Sum256(append(append([]byte{}, now...), bytes.Repeat([]byte{0xab}, 32)...))
 	cfg := fmt.Sprintf(`{"pcr_bank":"sha256","pcr_ids":"7","pcr_digest":%q}`, base64.RawURLEncoding.EncodeToString(next[:]))
 	pt := newPlaintext(t)
-	ours, err := f.c.Encrypt(f.ctx(), f.config("tpm2", cfg), pt)
-	require.NoError(t, err)
-	theirs := f.clevisEncrypt("tpm2", cfg, pt.Expose())
+	ours, theirs := f.encryptBoth(t, cfg, pt)
 
 	for _, jwe := range []string{ours, theirs} {
 		_, err := f.c.Decrypt(f.ctx(), jwe)

@@ -1,7 +1,6 @@
 package clevis_test
 
 import (
-	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -22,13 +21,7 @@ import (
 func TestTangSilentServer(t *testing.T) {
 	f := newFixture(t, true)
 	pt := newPlaintext(t)
-	mk := func(threshold int) string {
-		cfg := fmt.Sprintf(`{"t":%d,"pins":{"tpm2":{},"tang":{"url":%q,"thp":%q}}}`, threshold, f.tang.URL, f.tang.Thp)
-		jwe, err := f.c.Encrypt(f.ctx(), f.config("sss", cfg), pt)
-		require.NoError(t, err)
-		return jwe
-	}
-	t1, t2 := mk(1), mk(2)
+	t1, t2 := f.sssTPMTang(t, 1, pt), f.sssTPMTang(t, 2, pt)
 
 	// Replace tangd by a listener that accepts and then stays silent.
 	f.tang.Stop()
