@@ -57,9 +57,17 @@ func (f flatJWE) compact() string {
 // Bindings returns the clevis bindings on dev, sorted by keyslot. Reads go
 // through anatol/luks.go (LUKS2 tokens and LUKS1 luksmeta alike).
 func (m *Manager) Bindings(dev string) ([]Binding, error) {
+	// Our own header reader first: it tells a missing device and a device
+	// that is not LUKS apart, which luks.go does not.
 	if _, err := readHeader(dev); err != nil {
 		return nil, err
 	}
+	return bindingsOf(dev)
+}
+
+// bindingsOf reads the clevis bindings of a device whose header has been
+// read already.
+func bindingsOf(dev string) ([]Binding, error) {
 	d, err := gluks.Open(dev)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w: %v", dev, ErrNotLUKS, err)

@@ -96,6 +96,11 @@ func (m *Manager) ReadMetadata(dev string) (md Metadata, ok bool, err error) {
 	if err != nil {
 		return md, false, err
 	}
+	return metadataOf(dev, h)
+}
+
+// metadataOf reads the luksext metadata of dev, whose header is h.
+func metadataOf(dev string, h *header) (md Metadata, ok bool, err error) {
 	if h.version == 1 {
 		data, uuid, found, err := luksmetaLoad(dev, luksmetaMetadataSlot)
 		if err != nil || !found || uuid != LuksextLuksmetaUUID {
@@ -147,11 +152,13 @@ func (m *Manager) Inspect(dev string) (Info, error) {
 	if err != nil {
 		return Info{}, err
 	}
+	// One header read for the whole answer (SR.attach and status call this
+	// on every run); only luks.go's token reader opens the device again.
 	info := Info{Version: h.version, UUID: h.uuid, Label: h.label, Keyslots: h.keyslots}
-	if info.Bindings, err = m.Bindings(dev); err != nil {
+	if info.Bindings, err = bindingsOf(dev); err != nil {
 		return Info{}, err
 	}
-	md, ok, err := m.ReadMetadata(dev)
+	md, ok, err := metadataOf(dev, h)
 	if err != nil {
 		return Info{}, err
 	}
