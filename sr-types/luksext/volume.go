@@ -345,6 +345,8 @@ func volumeResize(ctx context.Context, d VolumeDeps, p smapi.VolumeResizeParams)
 		if size > image.VHDMax {
 			return fmt.Errorf("volume %s is a VHD, which cannot grow past 2040 GiB: %w", n.ID, image.ErrTooLarge)
 		}
+	} else {
+		size = image.RoundResize(n.Format, size) // qemu-img resizes by whole sectors
 	}
 	// Image first: the record's size never claims more than the image has.
 	if err := d.Images.Resize(ctx, v.st.ImagePath(n), size); err != nil {
