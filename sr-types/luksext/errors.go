@@ -33,6 +33,7 @@ var classifications = []classification{
 	{smapi.KindDeviceNotBlank, is(blockdev.ErrSignaturePresent)},
 	{smapi.KindDeviceNotFound, is(luks.ErrDeviceNotFound)},
 	{smapi.KindDeviceNotFound, is(blockdev.ErrDeviceNotFound)},
+	{smapi.KindInUse, is(blockdev.ErrInUse)},
 	{smapi.KindWrongPassphrase, is(luks.ErrWrongPassphrase)},
 	{smapi.KindInUse, is(luks.ErrBusy)},
 	{smapi.KindInUse, is(fs.ErrBusy)},
