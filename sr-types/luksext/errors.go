@@ -14,6 +14,7 @@ import (
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/store"
 	"github.com/luksext/luksext/plugins/tapdisk/attachment"
+	"github.com/luksext/luksext/plugins/vhd"
 	"github.com/luksext/luksext/plugins/xapi"
 )
 
@@ -59,6 +60,7 @@ var classifications = []classification{
 	// volumes
 	{smapi.KindVolumeDoesNotExist, is(store.ErrNotFound)},
 	{smapi.KindNeedsAttention, is(store.ErrCorrupt)},
+	{smapi.KindNeedsAttention, is(vhd.ErrNotVHD)},
 	{smapi.KindSRNotAttached, is(store.ErrUnreadable)},
 	{smapi.KindInvalidParameters, is(image.ErrShrink)},
 	{smapi.KindInvalidParameters, is(image.ErrTooLarge)},
