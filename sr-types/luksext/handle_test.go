@@ -7,10 +7,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/luksext/luksext/plugins/blockdev"
 	"github.com/luksext/luksext/plugins/lock"
+	"github.com/luksext/luksext/plugins/luks"
+	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/smapi/smapitest"
 	"github.com/luksext/luksext/plugins/store"
@@ -182,4 +186,26 @@ func TestHostileSnapshotJournalIsRefused(t *testing.T) {
 	assert.Contains(t, rec.Params[1], v.Key+".json")
 	assert.FileExists(t, victim)
 	c.ExpectError("Volume.stat", map[string]any{"dbg": "t", "sr": s.Path, "key": v.Key}, "Needs_attention")
+}
+
+// Issue 13 item 15: SR.probe reported /etc/passwd, a directory and
+// /dev/null as "blank: SR.create will use it". Only block devices are
+// candidates; anything else is refused with a reason.
+func TestSRProbeOffersOnlyBlockDevices(t *testing.T) {
+	log := logrus.New()
+	log.SetLevel(logrus.WarnLevel)
+	runner := run.NewExec(log)
+	table := luksext.VolumeTable(luksext.Deps{SR: luksext.SRDeps{LUKS: luks.New(runner, log), Probe: blockdev.Prober{Run: runner}}})
+	x := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify}}
+	c := &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: x, Table: table}}
+	for _, dev := range []string{"/etc/passwd", t.TempDir(), "/dev/null"} {
+		res, rec := c.Call("SR.probe", map[string]any{"dbg": "t", "configuration": map[string]string{"device": dev}})
+		if res.ExitCode == 0 {
+			t.Errorf("SR.probe accepted %s: %s", dev, res.Stdout)
+			continue
+		}
+		require.NotNil(t, rec)
+		assert.Equal(t, "Invalid_configuration", rec.Params[0], dev)
+		assert.Contains(t, rec.Params[1], "not a block device")
+	}
 }
