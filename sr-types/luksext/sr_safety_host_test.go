@@ -161,3 +161,27 @@ func TestSRDetachRefusesSymlinkedMountpoint(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, mounted, "the symlink's target is still mounted")
 }
+
+// Issue 13 item 16: volume images were 0644 in a 0755 mountpoint, so every
+// dom0 user could read decrypted VM disks. The mounted SR root is 0700 and
+// what the plugin writes there is 0600.
+func TestMountedSRIsRootOnly(t *testing.T) {
+	h := newHostSR(t)
+	dev := loopDev(t, 32<<20)
+	out, err := exec.Command("mkfs.ext4", "-q", "-F", dev).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	log := logrus.New()
+	log.SetLevel(logrus.WarnLevel)
+	f := fs.New(run.NewExec(log))
+	srUUID := store.NewID()
+	mnt := filepath.Join(h.mountRoot, srUUID)
+	require.NoError(t, f.Mount(context.Background(), dev, mnt))
+	t.Cleanup(func() { _ = exec.Command("umount", mnt).Run() })
+	st, err := os.Stat(mnt)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o700), st.Mode().Perm(), "the SR root")
+	st, err = os.Stat(h.mountRoot)
+	require.NoError(t, err)
+	assert.Zero(t, st.Mode().Perm()&0o077, "the mount root")
+
+}
