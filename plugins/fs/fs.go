@@ -73,11 +73,17 @@ func (f *FS) Mount(ctx context.Context, dev, dir string) error {
 		}
 		return fmt.Errorf("%s is already mounted from %s, not %s: %w", dir, src, dev, ErrBusy)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
 	if _, err := f.Run.Run(ctx, run.Cmd{Tool: "mount", Args: []string{"-t", "ext4", dev, dir}}); err != nil {
 		return fmt.Errorf("mounting %s at %s: %w", dev, dir, err)
+	}
+	// An SR's files are decrypted VM disks and their metadata: root only
+	// (mkfs.ext4 makes the root directory 0755; xapi-storage-script and
+	// tapdisk run as root).
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("restricting %s to root: %w", dir, err)
 	}
 	return nil
 }

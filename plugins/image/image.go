@@ -60,6 +60,16 @@ func Choose(size int64) (format string, rounded int64, err error) {
 	return "", 0, fmt.Errorf("%d bytes (largest is %d): %w", size, int64(QCOW2Max), ErrTooLarge)
 }
 
+// RoundResize is the size a resize of a format-volume to size really
+// gives: a VHD grows by whole blocks (2 MiB), a qcow2 by 512-byte sectors.
+// The volume record stores this, so it never claims less than the image.
+func RoundResize(format string, size int64) int64 {
+	if format == store.FormatVHD {
+		return roundUp(size, vhd.BlockSize)
+	}
+	return roundUp(size, 512)
+}
+
 func roundUp(n, to int64) int64 { return (n + to - 1) / to * to }
 
 // FormatOf tells the format of an image file from its extension.
@@ -132,6 +142,10 @@ func (x Files) Resize(ctx context.Context, path string, size int64) error {
 		}
 		return err
 	case store.FormatQCOW2:
+		// qemu-img refuses a size that is not a multiple of 512 ("The new
+		// size must be a multiple of 512", qemu block/qcow2.c); the VHD
+		// path rounds up to its block size, so this one rounds up too.
+		size = RoundResize(store.FormatQCOW2, size)
 		if size > QCOW2Max {
 			return fmt.Errorf("%d bytes: %w", size, ErrTooLarge)
 		}
@@ -238,6 +252,11 @@ func publish(tmp, path string) error {
 		return err
 	}
 	f.Close()
+	// A volume is a decrypted VM disk: root only (qemu-img creates 0644
+	// under the usual umask; tapdisk runs as root).
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		return err
+	}
 	if err := os.Rename(tmp, path); err != nil {
 		return err
 	}

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"syscall"
 	"time"
 
@@ -43,9 +42,14 @@ const SlowWait = time.Second
 type Lock struct {
 	f    *os.File
 	path string
+	then []func()
 }
 
-// Acquire takes the lock on path (creating the file and its directory),
+// OnRelease runs f after the lock is released (a lock that guards a
+// call's use of another lock releases both together).
+func (l *Lock) OnRelease(f func()) { l.then = append(l.then, f) }
+
+// Acquire takes the lock on path (creating the file, not its directory),
 // polling until ctx ends. A context without deadline waits forever,
 // which a plugin must never do: give it one.
 func Acquire(ctx context.Context, path string, mode Mode, log logrus.FieldLogger) (*Lock, error) {
@@ -80,13 +84,11 @@ func Acquire(ctx context.Context, path string, mode Mode, log logrus.FieldLogger
 
 // TryAcquire takes the lock if it is free; ok is false when it is held.
 func TryAcquire(path string, mode Mode) (l *Lock, ok bool, err error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if errors.Is(err, os.ErrNotExist) {
-		if mkErr := os.MkdirAll(filepath.Dir(path), 0o700); mkErr != nil {
-			return nil, false, mkErr
-		}
-		f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	}
+	// The file is created, never its directory: a lock under an SR whose
+	// filesystem was just unmounted must fail, not recreate the SR's tree
+	// (and then the caller's files) unencrypted on the host's /run. The
+	// caller makes the directory once it has proved where it is.
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return nil, false, fmt.Errorf("opening lock file: %w", err)
 	}
@@ -118,6 +120,10 @@ func (l *Lock) Release() error {
 	}
 	err := l.f.Close() // closing the only descriptor releases the flock
 	l.f = nil
+	for i := len(l.then) - 1; i >= 0; i-- {
+		l.then[i]()
+	}
+	l.then = nil
 	return err
 }
 

@@ -15,7 +15,7 @@ import (
 )
 
 func TestExclusiveExcludesAndSharedShares(t *testing.T) {
-	p := filepath.Join(t.TempDir(), "sub", "sr.lock")
+	p := filepath.Join(t.TempDir(), "sr.lock")
 	a, ok, err := TryAcquire(p, Shared)
 	require.NoError(t, err)
 	require.True(t, ok)
@@ -71,4 +71,27 @@ func TestHeldCreatesNothing(t *testing.T) {
 	assert.False(t, held)
 	_, err = os.Stat(dir)
 	assert.True(t, os.IsNotExist(err), "Held created %s", dir)
+}
+
+// Issue 13 item 3: Acquire recreated the directories of a lock under an SR
+// that SR.detach had just unmounted, and the call then wrote its volume
+// unencrypted under the bare mountpoint. Acquiring creates no directory,
+// and follows no symlink planted as the lock file.
+func TestAcquireCreatesNoDirectory(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "unmounted-sr")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_, err := Acquire(ctx, filepath.Join(dir, ".luksext", "locks", "sr.lock"), Exclusive, nil)
+	require.Error(t, err)
+	assert.ErrorIs(t, err, os.ErrNotExist)
+	_, err = os.Stat(dir)
+	assert.True(t, os.IsNotExist(err), "Acquire created %s", dir)
+
+	target := filepath.Join(t.TempDir(), "victim")
+	link := filepath.Join(t.TempDir(), "x.lock")
+	require.NoError(t, os.Symlink(target, link))
+	_, _, err = TryAcquire(link, Exclusive)
+	assert.Error(t, err)
+	_, err = os.Stat(target)
+	assert.True(t, os.IsNotExist(err), "TryAcquire followed the symlink")
 }

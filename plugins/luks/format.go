@@ -48,6 +48,9 @@ func (m *Manager) Format(ctx context.Context, dev string, o FormatOptions) (int,
 	if _, err := os.Stat(dev); err != nil {
 		return 0, fmt.Errorf("%s: %w", dev, ErrDeviceNotFound)
 	}
+	if err := blockdev.CheckExclusive(dev); err != nil {
+		return 0, err
+	}
 	sigs, err := blockdev.Prober{Run: m.run}.CheckUnused(ctx, dev, o.Force)
 	if err != nil {
 		return 0, err

@@ -59,6 +59,9 @@ func DecodeParams(stdin []byte, into any) error {
 	if err := json.Unmarshal(body, &top); err != nil {
 		return fmt.Errorf("params must be a JSON object: %w", err)
 	}
+	if err := foldDuplicates(top); err != nil {
+		return err
+	}
 	if p, ok := lookupFold(top, "params"); ok {
 		if _, hasMethod := lookupFold(top, "method"); hasMethod {
 			p = bytes.TrimSpace(p)
@@ -74,6 +77,9 @@ func DecodeParams(stdin []byte, into any) error {
 			if err := json.Unmarshal(body, &top); err != nil {
 				return fmt.Errorf("envelope params must be a JSON object: %w", err)
 			}
+			if err := foldDuplicates(top); err != nil {
+				return err
+			}
 		}
 	}
 	if missing := missingRequired(top, into); len(missing) > 0 {
@@ -81,6 +87,45 @@ func DecodeParams(stdin []byte, into any) error {
 	}
 	if err := json.Unmarshal(body, into); err != nil {
 		return fmt.Errorf("decoding parameters: %w", err)
+	}
+	return nil
+}
+
+// foldDuplicates refuses an object with two keys that differ only in case
+// ({"sr": "/etc", "SR": "/var/run/sr-mount/<uuid>"}): field names match
+// case-insensitively, so which one a decoder picks (encoding/json takes
+// the exact match, the logs the first it sees) must never be a question.
+func foldDuplicates(obj map[string]json.RawMessage) error {
+	seen := make(map[string]string, len(obj))
+	for k := range obj {
+		low := strings.ToLower(k)
+		if other, dup := seen[low]; dup {
+			a, b := other, k
+			if a > b {
+				a, b = b, a
+			}
+			return fmt.Errorf("parameters %q and %q differ only in case; send each parameter once", a, b)
+		}
+		seen[low] = k
+	}
+	return nil
+}
+
+// CheckParams is DecodeParams' validation of the object's keys alone,
+// for callers that peek at fields before decoding (the call's log fields).
+func CheckParams(stdin []byte) error {
+	var top map[string]json.RawMessage
+	if json.Unmarshal(bytes.TrimSpace(stdin), &top) != nil {
+		return nil // not an object: DecodeParams says so
+	}
+	if err := foldDuplicates(top); err != nil {
+		return err
+	}
+	if p, ok := lookupFold(top, "params"); ok {
+		var inner map[string]json.RawMessage
+		if json.Unmarshal(p, &inner) == nil {
+			return foldDuplicates(inner)
+		}
 	}
 	return nil
 }

@@ -60,6 +60,12 @@ func IsMethodCall(t Table, args []string) bool {
 	return ok || strings.Contains(name, ".")
 }
 
+// MaxParamsSize bounds the params read from stdin. The largest real call
+// (SR.create with a long device-config, Volume.set of a key) is a few KiB;
+// reading without a bound lets one caller make a gigabyte-sized process
+// and log line.
+const MaxParamsSize = 4 << 20
+
 // Main runs one SMAPIv3 call and returns the process exit status: it reads
 // all of stdin, dispatches by method name, prints exactly one JSON value on
 // stdout (the result, null for unit, or the error record) and never lets a
@@ -83,9 +89,17 @@ func Main(ctx context.Context, p Plugin, inv Invocation) (status int) {
 		status = finish(inv.Stdout, result, err, p.Classify, log, start)
 	}()
 
-	stdin, rerr := io.ReadAll(inv.Stdin)
+	stdin, rerr := io.ReadAll(io.LimitReader(inv.Stdin, MaxParamsSize+1))
 	if rerr != nil {
 		err = Wrap(KindInvalidParameters, fmt.Errorf("reading stdin: %w", rerr))
+		return
+	}
+	if len(stdin) > MaxParamsSize {
+		err = Errorf(KindInvalidParameters, "the call's parameters are larger than %d MiB; no SMAPIv3 call needs that much (is a dbg or name field filled with junk?)", MaxParamsSize>>20)
+		return
+	}
+	if cerr := CheckParams(stdin); cerr != nil {
+		err = Wrap(KindInvalidParameters, cerr)
 		return
 	}
 	if dbg := peekString(stdin, "dbg"); dbg != "" {

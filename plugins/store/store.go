@@ -88,18 +88,48 @@ func (s Store) ImagePath(n Node) string { return filepath.Join(s.SR, n.File()) }
 
 func (s Store) recordPath(id string) string { return filepath.Join(s.nodesDir(), id+".json") }
 
-// ValidID rejects ids that could escape the SR directory or are not ours
-// (a volume key arrives from the caller).
+// ValidID accepts only what NewID makes: a lowercase uuid (8-4-4-4-12
+// hex). Ids arrive from callers (volume keys) and from files on the SR
+// (records, journals); anything else could name a path outside the SR.
 func ValidID(id string) bool {
-	if len(id) == 0 || len(id) > 64 {
+	if len(id) != 36 {
 		return false
 	}
-	for _, c := range id {
-		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
-			return false
+	for i, c := range id {
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+				return false
+			}
 		}
 	}
 	return true
+}
+
+// ValidFormat: the image formats a record may name (its file extension).
+func ValidFormat(f string) bool { return f == FormatVHD || f == FormatQCOW2 }
+
+// Validate checks a record read from disk before any of it becomes a
+// path: a record saying "format":"vhd/../../../tmp/x" must not make
+// Volume.destroy delete a file outside the SR.
+func (n Node) Validate() error {
+	switch {
+	case !ValidID(n.ID):
+		return fmt.Errorf("id %q is not a uuid", n.ID)
+	case !ValidFormat(n.Format):
+		return fmt.Errorf("format %q is neither %s nor %s", n.Format, FormatVHD, FormatQCOW2)
+	case n.Parent != "" && !ValidID(n.Parent):
+		return fmt.Errorf("parent %q is not a uuid", n.Parent)
+	case n.Parent == n.ID:
+		return fmt.Errorf("is its own parent")
+	case n.VirtualSize < 0:
+		return fmt.Errorf("virtual size %d is negative", n.VirtualSize)
+	}
+	return nil
 }
 
 // Get reads one record.
@@ -118,13 +148,16 @@ func (s Store) Get(id string) (Node, error) {
 	if err := json.Unmarshal(b, &n); err != nil || n.ID != id {
 		return n, fmt.Errorf("record %s: %w", s.recordPath(id), ErrCorrupt)
 	}
+	if err := n.Validate(); err != nil {
+		return Node{}, fmt.Errorf("record %s: %w: %v", s.recordPath(id), ErrCorrupt, err)
+	}
 	return n, nil
 }
 
 // Put writes (creates or replaces) a record atomically.
 func (s Store) Put(n Node) error {
-	if !ValidID(n.ID) {
-		return fmt.Errorf("BUG: invalid node id %q", n.ID)
+	if err := n.Validate(); err != nil {
+		return fmt.Errorf("BUG: invalid node: %v", err)
 	}
 	n.Schema = Schema
 	b, err := json.Marshal(n)

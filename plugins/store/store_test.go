@@ -47,8 +47,8 @@ func TestListFailsWhenSRIsGoneOrDamaged(t *testing.T) {
 	assert.ErrorIs(t, err, ErrUnreadable)
 
 	s := New(t.TempDir())
-	require.NoError(t, s.Put(Node{ID: "a1", Format: FormatVHD}))
-	require.NoError(t, os.WriteFile(filepath.Join(s.Dir(), "nodes", "b2.json"), []byte("{tor"), 0o600))
+	require.NoError(t, s.Put(Node{ID: NewID(), Format: FormatVHD}))
+	require.NoError(t, os.WriteFile(filepath.Join(s.Dir(), "nodes", NewID()+".json"), []byte("{tor"), 0o600))
 	_, err = s.List()
 	assert.ErrorIs(t, err, ErrCorrupt, "one bad record fails the listing instead of hiding a VDI")
 }
@@ -82,4 +82,31 @@ func TestRecordsSurviveKill9(t *testing.T) {
 			assert.Len(t, n.VDI.Name, int(n.VirtualSize%3000), "record %s is internally consistent", n.ID)
 		}
 	}
+}
+
+// Issue 13 item 4: a record with "format":"vhd/../../../../tmp/x" made
+// Volume.destroy delete a file outside the SR. Every field that becomes a
+// path is checked when the record is read.
+func TestGetRefusesHostileRecords(t *testing.T) {
+	s := New(t.TempDir())
+	id := NewID()
+	for _, rec := range []string{
+		`{"schema":1,"id":"%s","format":"vhd/../../../../tmp/x","virtual_size":1}`,
+		`{"schema":1,"id":"%s","format":"raw","virtual_size":1}`,
+		`{"schema":1,"id":"%s","format":"vhd","parent":"../../etc/passwd","virtual_size":1}`,
+		`{"schema":1,"id":"%s","format":"vhd","parent":"` + id + `","virtual_size":1}`,
+		`{"schema":1,"id":"%s","format":"vhd","virtual_size":-1}`,
+	} {
+		require.NoError(t, os.MkdirAll(filepath.Join(s.Dir(), "nodes"), 0o700))
+		require.NoError(t, os.WriteFile(filepath.Join(s.Dir(), "nodes", id+".json"), []byte(fmt.Sprintf(rec, id)), 0o600))
+		_, err := s.Get(id)
+		require.ErrorIs(t, err, ErrCorrupt, rec)
+		assert.Contains(t, err.Error(), id+".json", "the error names the file")
+		_, err = s.List()
+		assert.ErrorIs(t, err, ErrCorrupt, rec)
+	}
+	for _, bad := range []string{"a1", "../x", strings.ToUpper(id), id + "x", "-" + id[1:]} {
+		assert.False(t, ValidID(bad), bad)
+	}
+	assert.Error(t, s.Put(Node{ID: NewID(), Format: "vhd/../x"}), "nothing writes such a record either")
 }

@@ -195,7 +195,7 @@ func create(path, parentPath string, size int64, o CreateOptions) error {
 	if err := tmp.Close(); err != nil {
 		return err
 	}
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
+	if err := os.Chmod(tmp.Name(), 0o600); err != nil {
 		return err
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
@@ -302,6 +302,9 @@ func (i *Image) load() error {
 	if i.hdr, err = parseHeader(buf); err != nil {
 		return err
 	}
+	if err := i.checkLayout(st.Size()); err != nil {
+		return err
+	}
 	raw := make([]byte, uint64(i.hdr.MaxBATSize)*4)
 	if _, err := i.f.ReadAt(raw, int64(i.hdr.TableOffset)); err != nil {
 		return fmt.Errorf("reading BAT: %w", ErrNotVHD)
@@ -310,8 +313,66 @@ func (i *Image) load() error {
 	for k := range i.bat {
 		i.bat[k] = binary.BigEndian.Uint32(raw[4*k:])
 	}
+	if err := i.checkBAT(st.Size()); err != nil {
+		return err
+	}
 	if footerLost && i.writable {
 		return i.writeFooterAtEnd()
+	}
+	return nil
+}
+
+// maxLocatorSpace bounds a parent locator's data (libvhd writes at most a
+// few sectors; a path is < 4 KiB).
+const maxLocatorSpace = 64 << 10
+
+// checkLayout bounds every header and footer field that sizes an
+// allocation or places a later read or write, before any is used: the
+// checksums only prove the fields were written together, not that they are
+// sane (a MaxBATSize of 0xFFFFFFFF asked for 16 GiB; 0 made WriteAt panic).
+func (i *Image) checkLayout(size int64) error {
+	bad := func(f string, a ...any) error { return fmt.Errorf(f+": %w", append(a, ErrNotVHD)...) }
+	fsize := uint64(size)
+	h, f := i.hdr, i.ftr
+	maxEntries := uint64(MaxSize / BlockSize)
+	switch {
+	case h.MaxBATSize == 0 || uint64(h.MaxBATSize) > maxEntries:
+		return bad("BAT size %d is outside 1..%d entries", h.MaxBATSize, maxEntries)
+	case f.CurrSize > uint64(h.MaxBATSize)*BlockSize:
+		return bad("virtual size %d is larger than its BAT covers (%d blocks)", f.CurrSize, h.MaxBATSize)
+	case f.DataOffset < footerSize || f.DataOffset > fsize || f.DataOffset+headerSize > fsize:
+		return bad("header offset %d is outside the file (%d bytes)", f.DataOffset, fsize)
+	case h.TableOffset < footerSize || h.TableOffset > fsize || h.TableOffset+uint64(h.MaxBATSize)*4 > fsize:
+		return bad("BAT at %d (+%d entries) is outside the file (%d bytes)", h.TableOffset, h.MaxBATSize, fsize)
+	}
+	for k, l := range h.Loc {
+		if l.Code == platNone {
+			continue
+		}
+		space := uint64(l.DataSpace)
+		if space < 512 {
+			space *= SectorSize
+		}
+		if uint64(l.DataLen) > space || space > maxLocatorSpace || l.DataOffset < footerSize || l.DataOffset > fsize || l.DataOffset+space > fsize {
+			return bad("parent locator %d (offset %d, space %d, length %d) is outside the file (%d bytes)", k, l.DataOffset, l.DataSpace, l.DataLen, fsize)
+		}
+	}
+	return nil
+}
+
+// checkBAT: every allocated block (bitmap and data) lies inside the file.
+// A block is written before the BAT entry that points at it, so even an
+// interrupted allocation never leaves an entry past the end; an entry that
+// is must not make the recovered footer land terabytes away.
+func (i *Image) checkBAT(size int64) error {
+	for b, e := range i.bat {
+		if e == unusedBlock {
+			continue
+		}
+		end := (uint64(e) + bitmapSectors + sectorsPerBlk) * SectorSize
+		if uint64(e)*SectorSize < footerSize || end > uint64(size) {
+			return fmt.Errorf("BAT entry %d (sector %d) points outside the file (%d bytes): %w", b, e, size, ErrNotVHD)
+		}
 	}
 	return nil
 }

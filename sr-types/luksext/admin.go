@@ -118,6 +118,8 @@ type admin struct {
 	AdminDeps
 	inv  AdminInvocation
 	opts cmdline
+	// ctx ends on SIGTERM: a key file read that waits must end with it.
+	ctx context.Context
 }
 
 // RunAdmin parses inv.Args, runs the verb and prints its answer: text, or
@@ -145,7 +147,7 @@ func RunAdmin(ctx context.Context, inv AdminInvocation, d AdminDeps) int {
 	if err != nil {
 		return reportError(inv, cl.JSON, v, err)
 	}
-	a := &admin{srService: &srService{d.SR.withDefaults()}, AdminDeps: d, inv: inv, opts: cl}
+	a := &admin{srService: &srService{d.SR.withDefaults()}, AdminDeps: d, inv: inv, opts: cl, ctx: ctx}
 	ctx = smapi.WithLogger(ctx, d.Log.WithFields(logrus.Fields{"verb": v.Name}))
 	res, err := v.Run(a, ctx)
 	if err != nil {

@@ -152,7 +152,7 @@ func (a *admin) passphraseSlot(ctx context.Context, t target, pass secret.Bytes,
 
 func (a *admin) askPassphrase(prompt string) (secret.Bytes, error) {
 	if a.opts.KeyFile != "" {
-		return readKeyFile(a.opts.KeyFile, a.inv.Stdin)
+		return readKeyFile(a.context(), a.opts.KeyFile, a.inv.Stdin)
 	}
 	if a.Terminal == nil {
 		return secret.Bytes{}, fmt.Errorf("%w: use --key-file -", ErrNoTerminal)
@@ -169,7 +169,7 @@ func (a *admin) askNewPassphrase(what string) (secret.Bytes, error) {
 	var p secret.Bytes
 	var err error
 	if a.opts.NewKeyFile != "" {
-		p, err = readKeyFile(a.opts.NewKeyFile, a.inv.Stdin)
+		p, err = readKeyFile(a.context(), a.opts.NewKeyFile, a.inv.Stdin)
 	} else {
 		if a.Terminal == nil {
 			return secret.Bytes{}, fmt.Errorf("%w: use --new-key-file", ErrNoTerminal)
@@ -493,4 +493,12 @@ func joinInts(v []int) string {
 		s[i] = strconv.Itoa(n)
 	}
 	return strings.Join(s, ",")
+}
+
+// context is the invocation's context (Background when none was set).
+func (a *admin) context() context.Context {
+	if a.ctx == nil {
+		return context.Background()
+	}
+	return a.ctx
 }

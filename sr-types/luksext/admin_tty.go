@@ -2,12 +2,14 @@ package luksext
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -136,20 +138,32 @@ func readSecretLine(r io.Reader) (secret.Bytes, error) {
 // readKeyFile reads a passphrase from path, or from stdin for "-". One
 // trailing newline is dropped, so that `echo "$PASS" |` works; cryptsetup
 // would keep it, but a passphrase typed at a prompt never has one.
-func readKeyFile(path string, stdin io.Reader) (secret.Bytes, error) {
+//
+// A named key file must be a regular file: it is opened without blocking
+// (a FIFO with no writer would otherwise hang the open forever) and a
+// FIFO, directory, device or socket is refused. Stdin is read until
+// KeyFileTimeout or until ctx ends (SIGTERM), whichever comes first.
+func readKeyFile(ctx context.Context, path string, stdin io.Reader) (secret.Bytes, error) {
 	var r io.Reader = stdin
 	if path != "-" {
-		f, err := os.Open(path)
+		f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 		if err != nil {
 			return secret.Bytes{}, fmt.Errorf("%w: cannot read the key file: %v", ErrUsage, err)
 		}
 		defer f.Close()
+		st, err := f.Stat()
+		if err != nil {
+			return secret.Bytes{}, fmt.Errorf("%w: cannot read the key file: %v", ErrUsage, err)
+		}
+		if !st.Mode().IsRegular() {
+			return secret.Bytes{}, usageErr("the key file %s is a %s, not a regular file; to pipe a passphrase use --key-file - (stdin)", path, fileKind(st.Mode()))
+		}
 		r = f
 	} else if stdin == nil {
 		return secret.Bytes{}, usageErr("--key-file - needs the passphrase on stdin")
 	}
 	buf := make([]byte, maxPassphrase+1)
-	n, err := io.ReadFull(r, buf)
+	n, err := readFullBefore(ctx, r, buf, KeyFileTimeout)
 	if err != nil && err != io.ErrUnexpectedEOF && err != io.EOF {
 		wipeBytes(buf)
 		return secret.Bytes{}, fmt.Errorf("reading the key file: %w", err)
@@ -165,6 +179,51 @@ func readKeyFile(path string, stdin io.Reader) (secret.Bytes, error) {
 		return secret.Bytes{}, usageErr("the key file is empty")
 	}
 	return out, nil
+}
+
+// KeyFileTimeout bounds the wait for a passphrase on a key file or stdin.
+var KeyFileTimeout = 30 * time.Second
+
+// readFullBefore is io.ReadFull that gives up after timeout or when ctx
+// ends. The abandoned read may still fill buf later; the caller wipes buf
+// only after a completed read, and the process is about to exit anyway.
+func readFullBefore(ctx context.Context, r io.Reader, buf []byte, timeout time.Duration) (int, error) {
+	type res struct {
+		n   int
+		err error
+	}
+	done := make(chan res, 1)
+	tmp := make([]byte, len(buf))
+	go func() {
+		n, err := io.ReadFull(r, tmp)
+		done <- res{n, err}
+	}()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case x := <-done:
+		copy(buf, tmp[:x.n])
+		wipeBytes(tmp)
+		return x.n, x.err
+	case <-t.C:
+		return 0, usageErr("no passphrase arrived within %s (is anything writing to it?)", timeout)
+	case <-ctx.Done():
+		return 0, fmt.Errorf("reading the key file: %w", ctx.Err())
+	}
+}
+
+func fileKind(m os.FileMode) string {
+	switch {
+	case m&os.ModeNamedPipe != 0:
+		return "FIFO"
+	case m.IsDir():
+		return "directory"
+	case m&os.ModeSocket != 0:
+		return "socket"
+	case m&os.ModeDevice != 0:
+		return "device"
+	}
+	return "special file"
 }
 
 func wipeBytes(b []byte) {

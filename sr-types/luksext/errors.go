@@ -13,6 +13,7 @@ import (
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/store"
 	"github.com/luksext/luksext/plugins/tapdisk/attachment"
+	"github.com/luksext/luksext/plugins/vhd"
 	"github.com/luksext/luksext/plugins/xapi"
 )
 
@@ -31,6 +32,7 @@ var classifications = []classification{
 	{smapi.KindDeviceNotBlank, blockdev.ErrSignaturePresent},
 	{smapi.KindDeviceNotFound, luks.ErrDeviceNotFound},
 	{smapi.KindDeviceNotFound, blockdev.ErrDeviceNotFound},
+	{smapi.KindInUse, blockdev.ErrInUse},
 	{smapi.KindWrongPassphrase, luks.ErrWrongPassphrase},
 	{smapi.KindInUse, luks.ErrBusy},
 	{smapi.KindInUse, fs.ErrBusy},
@@ -56,6 +58,7 @@ var classifications = []classification{
 	// volumes
 	{smapi.KindVolumeDoesNotExist, store.ErrNotFound},
 	{smapi.KindNeedsAttention, store.ErrCorrupt},
+	{smapi.KindNeedsAttention, vhd.ErrNotVHD},
 	{smapi.KindSRNotAttached, store.ErrUnreadable},
 	{smapi.KindInvalidParameters, image.ErrShrink},
 	{smapi.KindInvalidParameters, image.ErrTooLarge},

@@ -42,6 +42,8 @@ type SRDeps struct {
 	Probe SignatureProber
 	// MountRoot is /var/run/sr-mount; StateDir /run/luksext; DevDir /dev.
 	MountRoot, StateDir, DevDir string
+	// SysDir is /sys (which disk a dm mapping is on).
+	SysDir string
 	// InUse lists the volumes of a mounted SR that VMs still use (from
 	// the datapath's state); nil means none can be.
 	InUse func(srMount string) ([]string, error)

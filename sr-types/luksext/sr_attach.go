@@ -3,7 +3,7 @@ package luksext
 import (
 	"context"
 	"fmt"
-	"path/filepath"
+	"os"
 	"strings"
 
 	"github.com/luksext/luksext/plugins/luks"
@@ -68,11 +68,14 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 		return "", err
 	}
 	meta, err := readSRMeta(mnt)
-	if err != nil || meta.UUID != srUUID {
+	if err == nil && meta.UUID != srUUID {
+		err = smapi.Errorf(smapi.KindSRDoesNotExist, "the filesystem on %s belongs to SR %s, not %s", dev, meta.UUID, srUUID)
+	}
+	if err == nil {
+		err = ensureStoreDirs(mnt) // the GC's lock directories (plugins/lock creates none)
+	}
+	if err != nil {
 		_ = s.FS.Unmount(context.WithoutCancel(ctx), mnt)
-		if err == nil {
-			err = smapi.Errorf(smapi.KindSRDoesNotExist, "the filesystem on %s belongs to SR %s, not %s", dev, meta.UUID, srUUID)
-		}
 		return "", err
 	}
 	if s.GC != nil {
@@ -109,13 +112,11 @@ func orNone(s string) string {
 	return s
 }
 
-// srUUIDOf turns an sr handle (the mountpoint) into the SR uuid.
+// srUUIDOf turns an sr handle (the mountpoint) into the SR uuid
+// (SRCheck.parse: the syntax only; SR state is checked under the lock).
 func (s *srService) srUUIDOf(sr string) (string, error) {
-	u := filepath.Base(filepath.Clean(sr))
-	if filepath.Dir(filepath.Clean(sr)) != filepath.Clean(s.MountRoot) || !validUUID(u) {
-		return "", smapi.Errorf(smapi.KindSRNotAttached, "%q is not a luksext SR handle (%s/<sr uuid>)", sr, s.MountRoot)
-	}
-	return u, nil
+	u, _, err := s.check().parse(sr)
+	return u, err
 }
 
 // detach unmounts and closes. It never fails because something is already
@@ -135,6 +136,11 @@ func (s *srService) detach(ctx context.Context, p smapi.SRParams) (smapi.Unit, e
 
 func (s *srService) teardown(ctx context.Context, srUUID string) error {
 	mnt := s.mountpoint(srUUID)
+	// umount(8) follows a symlink: a link planted at the mountpoint would
+	// unmount whatever it points to.
+	if st, err := os.Lstat(mnt); err == nil && st.Mode()&os.ModeSymlink != 0 {
+		return smapi.Errorf(smapi.KindNeedsAttention, "SR mountpoint %s is a symbolic link, which luksext never makes; refusing to unmount what it points to (remove it: rm %s)", mnt, mnt)
+	}
 	if s.GC != nil {
 		if err := s.GC.Stop(ctx, mnt); err != nil {
 			smapi.Logger(ctx).WithError(err).Warn("stopping the volume garbage collector")
@@ -164,10 +170,14 @@ func (s *srService) destroy(ctx context.Context, p smapi.SRParams) (smapi.Unit, 
 	}
 	defer unlock()
 	mnt := s.mountpoint(srUUID)
-	meta, err := readSRMeta(mnt)
+	// The SR must be what it claims before anything is erased: mounted
+	// at its mountpoint from luksext-<uuid>, its record naming it, and
+	// (proveDisk) the disk's LUKS header naming it and backing that mapping.
+	h, err := s.check().verify(srUUID, mnt)
 	if err != nil {
 		return smapi.Unit{}, err
 	}
+	meta := h.Meta
 	if inUse, err := s.volumesInUse(mnt); err != nil {
 		return smapi.Unit{}, err
 	} else if len(inUse) > 0 {
@@ -175,6 +185,9 @@ func (s *srService) destroy(ctx context.Context, p smapi.SRParams) (smapi.Unit, 
 	}
 	dev, err := s.findDevice(map[string]string{KeyDevice: meta.Device, KeyLUKSUUID: meta.LUKSUUID})
 	if err != nil {
+		return smapi.Unit{}, err
+	}
+	if err := s.proveDisk(dev, srUUID, meta.LUKSUUID); err != nil {
 		return smapi.Unit{}, err
 	}
 	if err := s.teardown(ctx, srUUID); err != nil {

@@ -8,6 +8,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/luksext/luksext/plugins/blockdev"
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/secret"
 	"github.com/luksext/luksext/plugins/smapi"
@@ -69,6 +70,11 @@ func (s *srService) create(ctx context.Context, p smapi.SRCreateParams) (map[str
 		return nil, err
 	}
 	if err := s.LUKS.Close(ctx, name); err != nil {
+		return nil, err
+	}
+	// force erases data, never a disk in use: refuse while the kernel
+	// says the device is mounted or held, before anything is written.
+	if err := blockdev.CheckExclusive(dev); err != nil {
 		return nil, err
 	}
 

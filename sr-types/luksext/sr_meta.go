@@ -54,5 +54,5 @@ func writeSRMeta(sr string, m SRMeta) error {
 	if err != nil {
 		return err
 	}
-	return store.WriteFileAtomic(filepath.Join(sr, SRMetaFile), append(b, '\n'), 0o644)
+	return store.WriteFileAtomic(filepath.Join(sr, SRMetaFile), append(b, '\n'), 0o600)
 }

@@ -19,8 +19,14 @@ import (
 func (s *srService) probe(ctx context.Context, p smapi.SRProbeParams) ([]smapi.ProbeResult, error) {
 	devices := []string{}
 	if d := p.Configuration[KeyDevice]; d != "" {
-		if _, err := os.Stat(d); err != nil {
+		st, err := os.Stat(d)
+		if err != nil {
 			return nil, smapi.Errorf(smapi.KindDeviceNotFound, "device-config:device %s does not exist on this host", d)
+		}
+		// Only a block device can hold an SR: a regular file, a directory
+		// or /dev/null is never "blank: SR.create will use it".
+		if !isBlockDevice(st.Mode()) {
+			return nil, invalid(KeyDevice, "%s is not a block device", d)
 		}
 		devices = append(devices, d)
 	} else {
@@ -82,10 +88,12 @@ func (s *srService) candidateDisks() []string {
 			continue
 		}
 		dev := filepath.Join(s.DevDir, n)
-		if _, err := os.Stat(dev); err == nil {
+		if st, err := os.Stat(dev); err == nil && isBlockDevice(st.Mode()) {
 			out = append(out, dev)
 		}
 	}
 	sort.Strings(out)
 	return out
 }
+
+func isBlockDevice(m os.FileMode) bool { return m&os.ModeDevice != 0 && m&os.ModeCharDevice == 0 }

@@ -10,11 +10,13 @@ import (
 // stat reports the SR's name, sizes (statvfs) and health. xapi calls it
 // right after attach and before every scan; a failure fails the plug.
 func (s *srService) stat(ctx context.Context, p smapi.SRParams) (smapi.SRStat, error) {
-	meta, err := readSRMeta(p.SR)
+	h, release, err := s.check().open(ctx, p.SR, 0)
 	if err != nil {
 		return smapi.SRStat{}, err
 	}
-	space, err := fs.Statvfs(p.SR)
+	defer release()
+	meta := h.Meta
+	space, err := fs.Statvfs(h.Path)
 	if err != nil {
 		return smapi.SRStat{}, err
 	}
@@ -34,7 +36,7 @@ func (s *srService) setDescription(ctx context.Context, p smapi.SRSetDescription
 }
 
 func (s *srService) updateMeta(ctx context.Context, sr string, change func(*SRMeta)) error {
-	srUUID, err := s.srUUIDOf(sr)
+	srUUID, mnt, err := s.check().parse(sr)
 	if err != nil {
 		return err
 	}
@@ -43,10 +45,11 @@ func (s *srService) updateMeta(ctx context.Context, sr string, change func(*SRMe
 		return err
 	}
 	defer unlock()
-	m, err := readSRMeta(sr)
+	h, err := s.check().verify(srUUID, mnt)
 	if err != nil {
 		return err
 	}
+	m := h.Meta
 	change(&m)
-	return writeSRMeta(sr, m)
+	return writeSRMeta(mnt, m)
 }

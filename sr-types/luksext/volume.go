@@ -28,6 +28,9 @@ type VolumeDeps struct {
 	// InUse lists the images below a directory that VMs still have
 	// attached (the datapath's records); nil means none can be.
 	InUse func(dir string) ([]string, error)
+	// Handles checks the sr argument of every call (zero value: the
+	// host's /var/run/sr-mount, mountinfo and /dev/mapper).
+	Handles SRCheck
 }
 
 // MaxChainDepth is the longest image chain a snapshot may create (SMAPIv1
@@ -53,33 +56,51 @@ type volumes struct {
 	d   VolumeDeps
 	st  store.Store
 	log logrus.FieldLogger
+	// release drops the checked SR handle (SRCheck.open); the SR lock
+	// taken by shared/exclusive releases it with itself.
+	release func()
 }
 
+// openVolumes checks the SR handle and holds it (the SR stays mounted)
+// until the SR lock that the caller takes next is released; the store
+// works on the canonical mountpoint, whatever spelling the caller used.
 func openVolumes(ctx context.Context, d VolumeDeps, sr string) (*volumes, error) {
-	if err := CheckAttached(sr); err != nil {
-		return nil, err
-	}
-	abs, err := filepath.Abs(sr)
+	h, release, err := d.Handles.open(ctx, sr, d.lockTimeout())
 	if err != nil {
 		return nil, err
 	}
-	return &volumes{d: d, st: store.New(abs), log: smapi.Logger(ctx)}, nil
+	return &volumes{d: d, st: store.New(h.Path), log: smapi.Logger(ctx), release: release}, nil
+}
+
+func (d VolumeDeps) lockTimeout() time.Duration {
+	if d.LockTimeout == 0 {
+		return 2 * time.Minute
+	}
+	return d.LockTimeout
 }
 
 func (v *volumes) lock(ctx context.Context, path string, mode lock.Mode) (*lock.Lock, error) {
-	timeout := v.d.LockTimeout
-	if timeout == 0 {
-		timeout = 2 * time.Minute
-	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	ctx, cancel := context.WithTimeout(ctx, v.d.lockTimeout())
 	defer cancel()
 	return lock.Acquire(ctx, path, mode, v.log)
+}
+
+// srLock takes the SR's image-tree lock; releasing it also releases the
+// SR handle.
+func (v *volumes) srLock(ctx context.Context, mode lock.Mode) (*lock.Lock, error) {
+	l, err := v.lock(ctx, srLockPath(v.st), mode)
+	if err != nil {
+		v.release()
+		return nil, err
+	}
+	l.OnRelease(v.release)
+	return l, nil
 }
 
 // exclusive takes the SR lock for a change of the image tree and first
 // finishes any operation a crashed call left half done.
 func (v *volumes) exclusive(ctx context.Context) (*lock.Lock, error) {
-	l, err := v.lock(ctx, srLockPath(v.st), lock.Exclusive)
+	l, err := v.srLock(ctx, lock.Exclusive)
 	if err != nil {
 		return nil, err
 	}
@@ -91,7 +112,7 @@ func (v *volumes) exclusive(ctx context.Context) (*lock.Lock, error) {
 }
 
 func (v *volumes) shared(ctx context.Context) (*lock.Lock, error) {
-	return v.lock(ctx, srLockPath(v.st), lock.Shared)
+	return v.srLock(ctx, lock.Shared)
 }
 
 // openVDI is the prologue of every call on one existing VDI: the SR must be
@@ -237,11 +258,11 @@ func volumeStat(ctx context.Context, d VolumeDeps, p smapi.VolumeParams) (smapi.
 }
 
 func volumeCreate(ctx context.Context, d VolumeDeps, p smapi.VolumeCreateParams) (smapi.Volume, error) {
-	v, err := openVolumes(ctx, d, p.SR)
+	format, size, err := image.Choose(p.Size)
 	if err != nil {
 		return smapi.Volume{}, err
 	}
-	format, size, err := image.Choose(p.Size)
+	v, err := openVolumes(ctx, d, p.SR)
 	if err != nil {
 		return smapi.Volume{}, err
 	}
@@ -345,6 +366,8 @@ func volumeResize(ctx context.Context, d VolumeDeps, p smapi.VolumeResizeParams)
 		if size > image.VHDMax {
 			return fmt.Errorf("volume %s is a VHD, which cannot grow past 2040 GiB: %w", n.ID, image.ErrTooLarge)
 		}
+	} else {
+		size = image.RoundResize(n.Format, size) // qemu-img resizes by whole sectors
 	}
 	// Image first: the record's size never claims more than the image has.
 	if err := d.Images.Resize(ctx, v.st.ImagePath(n), size); err != nil {

@@ -192,6 +192,9 @@ func (v *volumes) recover(ctx context.Context) error {
 		if err := store.ReadJSON(path, &j); err != nil {
 			return fmt.Errorf("reading journal %s: %w", path, err)
 		}
+		if err := j.validate(); err != nil {
+			return fmt.Errorf("snapshot journal %s: %w: %v", path, store.ErrCorrupt, err)
+		}
 		v.log.WithFields(logrus.Fields{"vol": j.VDI, "journal": name}).Warn("finishing a snapshot interrupted by a crash")
 		if err := v.finishSnapshot(ctx, j); err != nil {
 			return smapi.Errorf(smapi.KindNeedsAttention, "cannot finish the interrupted snapshot of volume %s (journal %s): %v", j.VDI, path, err)

@@ -1,7 +1,6 @@
 package luksext_test
 
 import (
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"testing"
@@ -15,28 +14,27 @@ import (
 	"github.com/luksext/luksext/plugins/smapi/smapitest"
 	"github.com/luksext/luksext/plugins/store"
 	"github.com/luksext/luksext/sr-types/luksext"
+	"github.com/luksext/luksext/sr-types/luksext/luksexttest"
 )
 
-// testSR makes a directory that looks like an attached luksext SR: the SR
-// record at its root, as SR.create writes it.
-func testSR(t testing.TB) string {
-	dir := t.TempDir()
-	b, err := json.Marshal(map[string]any{"schema": 1, "uuid": store.NewID(), "name": "test SR", "description": ""})
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(filepath.Join(dir, luksext.SRMetaFile), b, 0o600))
-	return dir
+// testSR makes a directory that passes the SR handle check (luksexttest):
+// the SR record at its root, as SR.create writes it, listed as mounted from
+// /dev/mapper/luksext-<uuid> in r's mount table.
+func testSR(t testing.TB, r *luksexttest.Root) string {
+	return r.NewSR(t).Path
 }
 
-func volumeTable() smapi.Table {
+func volumeTable(r *luksexttest.Root) smapi.Table {
 	log := logrus.New()
 	log.SetOutput(os.Stderr)
 	log.SetLevel(logrus.WarnLevel)
 	return luksext.VolumeTable(luksext.Deps{Paths: run.DefaultPaths,
-		Volumes: luksext.VolumeDeps{Images: image.Files{Runner: run.NewExec(log)}}})
+		Volumes: luksext.VolumeDeps{Images: image.Files{Runner: run.NewExec(log)}, Handles: r.Check}})
 }
 
 func TestVolumeConformanceInProcess(t *testing.T) {
-	table := volumeTable()
+	r := luksexttest.NewRoot(t)
+	table := volumeTable(r)
 	log := logrus.New()
 	log.SetLevel(logrus.WarnLevel)
 	srs := map[string]string{}
@@ -44,7 +42,7 @@ func TestVolumeConformanceInProcess(t *testing.T) {
 		// one SR per case: fresh state per test
 		name := c.T.(*testing.T).Name()
 		if srs[name] == "" {
-			srs[name] = testSR(c.T.(*testing.T))
+			srs[name] = testSR(c.T.(*testing.T), r)
 		}
 		return srs[name]
 	}
@@ -57,12 +55,13 @@ func TestVolumeConformanceInProcess(t *testing.T) {
 }
 
 func TestSRLsFailsWhenSRIsNotThere(t *testing.T) {
-	table := volumeTable()
+	r := luksexttest.NewRoot(t)
+	table := volumeTable(r)
 	x := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify}}
 	ctx := &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: x, Table: table}}
 	ctx.ExpectError("SR.ls", map[string]any{"dbg": "t", "sr": filepath.Join(t.TempDir(), "gone")}, "Sr_not_attached")
 
-	sr := testSR(t)
+	sr := testSR(t, r)
 	var v smapi.Volume
 	ctx.MustSucceed("Volume.create", map[string]any{"dbg": "t", "sr": sr, "name": "a", "description": "", "size": 1 << 20, "sharable": false}, &v)
 	require.NoError(t, os.WriteFile(filepath.Join(sr, store.MetaDir, "nodes", v.Key+".json"), []byte("{garbage"), 0o600))
@@ -71,12 +70,14 @@ func TestSRLsFailsWhenSRIsNotThere(t *testing.T) {
 
 func TestVolumeDestroyRefusesAttachedVolume(t *testing.T) {
 	var attached []string
+	r := luksexttest.NewRoot(t)
 	table := luksext.VolumeTable(luksext.Deps{Volumes: luksext.VolumeDeps{
-		InUse: func(string) ([]string, error) { return attached, nil },
+		InUse:   func(string) ([]string, error) { return attached, nil },
+		Handles: r.Check,
 	}})
 	x := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify}}
 	ctx := &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: x, Table: table}}
-	sr := testSR(t)
+	sr := testSR(t, r)
 	var v smapi.Volume
 	ctx.MustSucceed("Volume.create", map[string]any{"dbg": "t", "sr": sr, "name": "a", "description": "", "size": 1 << 20, "sharable": false}, &v)
 	attached = []string{v.Key + ".vhd"}

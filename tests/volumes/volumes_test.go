@@ -9,7 +9,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -30,6 +29,7 @@ import (
 	"github.com/luksext/luksext/plugins/store"
 	"github.com/luksext/luksext/plugins/vhd"
 	"github.com/luksext/luksext/sr-types/luksext"
+	"github.com/luksext/luksext/sr-types/luksext/luksexttest"
 	"github.com/luksext/luksext/tests/testenv"
 )
 
@@ -74,10 +74,9 @@ type sr struct {
 }
 
 func newSR(t *testing.T) *sr {
-	dir := t.TempDir()
-	b, _ := json.Marshal(map[string]any{"schema": 1, "uuid": store.NewID(), "name": "t", "description": ""})
-	require.NoError(t, os.WriteFile(filepath.Join(dir, luksext.SRMetaFile), b, 0o600))
-	table := luksext.VolumeTable(luksext.Deps{Paths: run.DefaultPaths, Volumes: luksext.VolumeDeps{Images: image.Files{Runner: run.NewExec(quietLog())}}})
+	fake := luksexttest.NewSR(t) // an SR directory listed as mounted from its mapping
+	dir := fake.Path
+	table := luksext.VolumeTable(luksext.Deps{Paths: run.DefaultPaths, Volumes: luksext.VolumeDeps{Images: image.Files{Runner: run.NewExec(quietLog())}, Handles: fake.Check()}})
 	inv := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify, Log: quietLog()}}
 	return &sr{t: t, dir: dir, ctx: &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: inv, Table: table}}, model: map[string][]byte{}}
 }

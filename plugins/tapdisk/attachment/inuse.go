@@ -22,6 +22,9 @@ func (m *Manager) InUseUnder(dir string) ([]string, error) {
 		return nil, err
 	}
 	prefix := filepath.Clean(dir) + string(filepath.Separator)
+	// Paths are compared as text and as directories (device and inode):
+	// /run/sr-mount/<uuid> and /var/run/sr-mount/<uuid> are one SR.
+	dirSt, _ := os.Stat(dir)
 	var out []string
 	for _, e := range entries {
 		if !strings.HasSuffix(e.Name(), ".json") {
@@ -36,10 +39,19 @@ func (m *Manager) InUseUnder(dir string) ([]string, error) {
 			out = append(out, e.Name()+" (unreadable datapath record)")
 			continue
 		}
-		if strings.HasPrefix(rec.Image.Path, prefix) && (len(rec.Domains) > 0 || rec.PID != 0) {
+		if (strings.HasPrefix(rec.Image.Path, prefix) || sameDirAs(rec.Image.Path, dirSt)) && (len(rec.Domains) > 0 || rec.PID != 0) {
 			out = append(out, filepath.Base(rec.Image.Path))
 		}
 	}
 	sort.Strings(out)
 	return out, nil
+}
+
+// sameDirAs: path's directory is the directory whose FileInfo is dir.
+func sameDirAs(path string, dir os.FileInfo) bool {
+	if dir == nil {
+		return false
+	}
+	st, err := os.Stat(filepath.Dir(path))
+	return err == nil && os.SameFile(st, dir)
 }
