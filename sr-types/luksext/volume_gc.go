@@ -33,11 +33,23 @@ const GCCommand = "gc"
 func gcRunningLock(st store.Store) string { return st.Path("gc", "running.lock") }
 func gcPIDFile(st store.Store) string     { return st.Path("gc", "pid") }
 
-// StartGC starts the SR's garbage collector as a detached process (its own
-// session, stdin/stdout/stderr on /dev/null: xapi-storage-script waits for
-// EOF on the plugin's pipes, so a child holding them would hang the call).
-// Nothing happens when one is already running. SR.attach calls it.
+// StartGC starts the SR's garbage collector as a detached process of this
+// executable (the volume binary): see StartGCFrom. SR.attach calls it.
 func StartGC(sr string) error {
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("finding the plugin executable to start the garbage collector: %w", err)
+	}
+	return StartGCFrom(self, sr)
+}
+
+// StartGCFrom starts `volume gc <sr>` from the volume binary at exe as a
+// detached process (its own session, stdin/stdout/stderr on /dev/null:
+// xapi-storage-script waits for EOF on the plugin's pipes, so a child
+// holding them would hang the call). The child inherits the environment,
+// so its knobs (GCIntervalEnv) follow the caller's. Nothing happens when a
+// collector already runs for the SR. Tests pass the binary they built.
+func StartGCFrom(self, sr string) error {
 	abs, err := filepath.Abs(sr)
 	if err != nil {
 		return err
@@ -45,10 +57,6 @@ func StartGC(sr string) error {
 	st := store.New(abs)
 	if held, err := lock.Held(gcRunningLock(st), lock.Exclusive); err != nil || held {
 		return err
-	}
-	self, err := os.Executable()
-	if err != nil {
-		return fmt.Errorf("finding the plugin executable to start the garbage collector: %w", err)
 	}
 	null, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
 	if err != nil {
@@ -110,15 +118,56 @@ func readPID(path string) int {
 	return pid
 }
 
-// RunGC is the garbage collector's main: args are what follows "gc" on the
-// command line. Wire it in volume/main.go before smapi dispatch:
-//
-//	if len(os.Args) > 1 && os.Args[1] == luksext.GCCommand {
-//		os.Exit(luksext.RunGC(os.Args[2:]))
-//	}
+// Knobs of the garbage collector: an environment variable (read first) or
+// the same-named key without the LUKSEXT_ prefix in /etc/sysconfig/luksext,
+// e.g. GC_INTERVAL=5m. Durations in Go syntax (15s, 2m).
+const (
+	GCIntervalEnv = "LUKSEXT_GC_INTERVAL" // time between passes (default 15s)
+)
+
+// DefaultGCInterval is the time between two passes of the collector.
+const DefaultGCInterval = 15 * time.Second
+
+// gcInterval reads the configured interval; a bad value is logged and
+// ignored rather than stopping the collector.
+func gcInterval(log logrus.FieldLogger) time.Duration {
+	v := os.Getenv(GCIntervalEnv)
+	if v == "" {
+		v = sysconfigValue(strings.TrimPrefix(GCIntervalEnv, "LUKSEXT_"))
+	}
+	if v == "" {
+		return DefaultGCInterval
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		log.WithField("value", v).Warn("ignoring a bad GC_INTERVAL (want a duration such as 15s or 5m)")
+		return DefaultGCInterval
+	}
+	return d
+}
+
+// sysconfigValue returns KEY's value in /etc/sysconfig/luksext (shell
+// assignment syntax, quotes stripped), or "".
+func sysconfigValue(key string) string {
+	b, err := os.ReadFile(logging.SysconfigPath)
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(strings.TrimSpace(line), "=")
+		if ok && k == key {
+			return strings.Trim(v, `"'`)
+		}
+	}
+	return ""
+}
+
+// RunGC is the garbage collector's main (VolumeMain hands it `volume gc
+// ...`): args are what follows "gc" on the command line.
 func RunGC(args []string) int {
+	log := logging.New(logging.Options{Plugin: "volume-gc", Syslog: true})
 	fs := flag.NewFlagSet("luksext-gc", flag.ContinueOnError)
-	interval := fs.Duration("interval", 15*time.Second, "time between passes")
+	interval := fs.Duration("interval", gcInterval(log), "time between passes")
 	once := fs.Bool("once", false, "collect until nothing is left to do, then exit")
 	var sr string
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
@@ -128,7 +177,7 @@ func RunGC(args []string) int {
 		fmt.Fprintln(os.Stderr, "usage: volume gc <sr mount path> [-interval 15s] [-once]")
 		return 2
 	}
-	log := logging.New(logging.Options{Plugin: "volume-gc", Syslog: true}).WithField("sr", sr)
+	log = log.WithField("sr", sr)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
 	if err := runGC(ctx, sr, *interval, *once, image.Files{Runner: run.NewExec(log)}, nil, log); err != nil {

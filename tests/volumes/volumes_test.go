@@ -14,7 +14,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -46,13 +48,12 @@ func quietLog() *logrus.Logger {
 	return l
 }
 
-// TestMain doubles as the volume binary's GC mode (StartGC re-executes
-// this test binary with "gc <sr>") and as a GC that kills itself at a
-// chosen step.
+// TestMain doubles as a GC that kills itself at a chosen step (the
+// library, in process, with a fault hook). It never answers the volume
+// binary's own modes (`gc`, methods, operator command): tests that need
+// them exec the binary built from ./volume (volumeBinary), as StartGC and
+// xapi-storage-script do.
 func TestMain(m *testing.M) {
-	if len(os.Args) > 1 && os.Args[1] == luksext.GCCommand {
-		os.Exit(luksext.RunGC(os.Args[2:]))
-	}
 	if spec := os.Getenv(crashAt); spec != "" {
 		sr, step, _ := strings.Cut(spec, "|")
 		err := luksext.CollectOnce(context.Background(), sr, image.Files{}, func(s string) {
@@ -63,7 +64,45 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "GC was not killed; error:", err)
 		os.Exit(3)
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	if builtDir != "" {
+		os.RemoveAll(builtDir)
+	}
+	os.Exit(code)
+}
+
+var (
+	buildOnce sync.Once
+	builtDir  string
+	builtBin  string
+	buildErr  error
+)
+
+func repoRootDir() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
+}
+
+// volumeBinary builds ./volume once per test run (static, as `make build`
+// does) and returns its path.
+func volumeBinary(t *testing.T) string {
+	t.Helper()
+	goBin := testenv.Tools(t, "go")["go"]
+	buildOnce.Do(func() {
+		builtDir, buildErr = os.MkdirTemp("", "luksext-volume-bin-")
+		if buildErr != nil {
+			return
+		}
+		builtBin = filepath.Join(builtDir, "volume")
+		cmd := exec.Command(goBin, "build", "-trimpath", "-o", builtBin, "./volume")
+		cmd.Dir = repoRootDir()
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build ./volume: %w: %s", err, out)
+		}
+	})
+	require.NoError(t, buildErr)
+	return builtBin
 }
 
 type sr struct {
@@ -249,13 +288,37 @@ func TestGCKilledAtEachStepLosesNothing(t *testing.T) {
 	}
 }
 
-// StartGC runs the collector as a detached process that does the work on
-// its own; StopGC ends it.
+// StartGC (the path SR.attach takes) runs `volume gc <sr>` of the real
+// volume binary as a detached process, which, on its own, coalesces the
+// chain and removes an unused hidden base, an image file without a record
+// and a temporary image left by a crash; StopGC ends it.
 func TestStartAndStopGC(t *testing.T) {
+	bin := volumeBinary(t)
 	s, a, _ := buildTree(t)
-	require.NoError(t, luksext.StartGC(s.dir))
-	require.NoError(t, luksext.StartGC(s.dir), "idempotent")
-	require.Eventually(t, func() bool { return len(s.chain(a)) == 2 }, 60*time.Second, 100*time.Millisecond, "the background GC coalesced")
+	// an unused hidden base: a volume snapshotted, then both destroyed
+	x := s.create("X")
+	s.write(x, 0, 4096)
+	xs := s.snapshot("Volume.snapshot", x)
+	s.destroy(xs)
+	s.destroy(x)
+	// a crashed create's image and a crashed snapshot's temporary image,
+	// old enough for the GC to know no call is still writing them
+	orphan := filepath.Join(s.dir, store.NewID()+".vhd")
+	tmp := filepath.Join(s.dir, ".tmp-"+store.NewID()+".vhd")
+	for _, f := range []string{orphan, tmp} {
+		require.NoError(t, os.WriteFile(f, []byte("left by a crash"), 0o600))
+		old := time.Now().Add(-time.Hour)
+		require.NoError(t, os.Chtimes(f, old, old))
+	}
+	require.Len(t, s.images(), 4+2+1, "base1, base2, A, C1, X's base, the orphan, and the .tmp (hidden name)")
+
+	t.Setenv(luksext.GCIntervalEnv, "200ms") // product knob, inherited by the detached GC
+	require.NoError(t, luksext.StartGCFrom(bin, s.dir))
+	require.NoError(t, luksext.StartGCFrom(bin, s.dir), "idempotent")
+	gone := func(p string) bool { _, err := os.Stat(p); return os.IsNotExist(err) }
+	require.Eventually(t, func() bool {
+		return len(s.chain(a)) == 2 && gone(orphan) && gone(tmp) && len(s.images()) == 3
+	}, 60*time.Second, 100*time.Millisecond, "the background GC coalesced and collected (images now: %v)", s.images())
 	require.NoError(t, luksext.StopGC(s.dir, 10*time.Second))
 	require.NoError(t, luksext.StopGC(s.dir, 10*time.Second), "idempotent")
 	s.verify("after the background GC")
