@@ -159,17 +159,17 @@ func (v *volumes) finishSnapshot(ctx context.Context, j snapshotJournal) error {
 	return v.st.Put(a)
 }
 
+// snapshotVDI is the record of a new snapshot or clone of src. The SMAPIv3
+// IDL (xen-api ocaml/xapi-storage/generator/lib/control.ml, Volume.snapshot
+// and Volume.clone) copies only the name and description: the keys stored
+// with Volume.set belong to the source VDI. xapi-storage-script follows
+// clone-on-boot on attach, activate and destroy (ocaml/xapi-storage-script/
+// main.ml), so a copied clone-on-boot would serve a snapshot from the
+// original VM's transient disk; copied tags, vdi-type and _sm_config_* keys
+// are xapi's to set on the new VDI itself. Records written before this
+// rule keep their keys and work as they are.
 func snapshotVDI(src *store.VDI, clone bool) *store.VDI {
-	keys := map[string]string{}
-	for k, val := range src.Keys {
-		switch k {
-		// xapi writes these itself for the new VDI (smapiv3.md §5.4).
-		case "is_a_snapshot", "snapshot_of", "snapshot_time", "content_id":
-			continue
-		}
-		keys[k] = val
-	}
-	return &store.VDI{Name: src.Name, Description: src.Description, ReadWrite: clone, Sharable: src.Sharable, Keys: keys}
+	return &store.VDI{Name: src.Name, Description: src.Description, ReadWrite: clone, Sharable: src.Sharable, Keys: map[string]string{}}
 }
 
 // recover finishes journalled operations of crashed calls. Called with the
