@@ -15,6 +15,7 @@ import (
 	"github.com/luksext/luksext/plugins/lock"
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/tapdisk/attachment"
 )
 
 // VolumeDeps are the edges of the volume handlers (Volume.*, SR.ls).
@@ -28,6 +29,9 @@ type VolumeDeps struct {
 	// InUse lists the images below a directory that VMs still have
 	// attached (the datapath's records); nil means none can be.
 	InUse func(dir string) ([]string, error)
+	// Datapath pauses the tapdisk serving a VM's leaf around changes to
+	// images it has open (volume_live.go); nil: no VM can have any open.
+	Datapath *attachment.Manager
 }
 
 // MaxChainDepth is the longest image chain a snapshot may create (SMAPIv1
@@ -346,10 +350,18 @@ func volumeResize(ctx context.Context, d VolumeDeps, p smapi.VolumeResizeParams)
 			return fmt.Errorf("volume %s is a VHD, which cannot grow past 2040 GiB: %w", n.ID, image.ErrTooLarge)
 		}
 	}
-	// Image first: the record's size never claims more than the image has.
-	if err := d.Images.Resize(ctx, v.st.ImagePath(n), size); err != nil {
+	// Journalled, then done with the leaf's tapdisk paused (volume_live.go);
+	// image first: the record's size never claims more than the image has.
+	j := resizeJournal{VDI: n.ID, Size: size}
+	jpath := resizeJournalPath(v.st, n.ID)
+	if err := store.WriteJSON(jpath, j); err != nil {
 		return err
 	}
-	n.VirtualSize = size
-	return v.st.Put(n)
+	if err := v.finishResize(ctx, j); err != nil {
+		if errors.Is(err, attachment.ErrPauseFailed) {
+			return errors.Join(err, removeJournal(jpath)) // nothing was changed
+		}
+		return err
+	}
+	return removeJournal(jpath)
 }

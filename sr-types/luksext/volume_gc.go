@@ -22,6 +22,8 @@ import (
 	"github.com/luksext/luksext/plugins/logging"
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/tapdisk"
+	"github.com/luksext/luksext/plugins/tapdisk/attachment"
 )
 
 // GCCommand is argv[1] of the volume binary in garbage-collector mode:
@@ -180,7 +182,9 @@ func RunGC(args []string) int {
 	log = log.WithField("sr", sr)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	if err := runGC(ctx, sr, *interval, *once, image.Files{Runner: run.NewExec(log)}, nil, log); err != nil {
+	runner := run.NewExec(log)
+	d := VolumeDeps{Images: image.Files{Runner: runner}, Datapath: &attachment.Manager{Ctl: tapdisk.Ctl{Runner: runner}, Log: log}}
+	if err := runGC(ctx, sr, *interval, *once, d, nil, log); err != nil {
 		log.WithError(err).Error("garbage collector failed")
 		return 1
 	}
@@ -190,7 +194,7 @@ func RunGC(args []string) int {
 // errGCRunning: another collector holds the SR.
 var errGCRunning = errors.New("a garbage collector already runs for this SR")
 
-func runGC(ctx context.Context, sr string, interval time.Duration, once bool, images image.Files, fault func(string), log logrus.FieldLogger) error {
+func runGC(ctx context.Context, sr string, interval time.Duration, once bool, d VolumeDeps, fault func(string), log logrus.FieldLogger) error {
 	if err := CheckAttached(sr); err != nil {
 		return err
 	}
@@ -207,7 +211,18 @@ func runGC(ctx context.Context, sr string, interval time.Duration, once bool, im
 	if err := store.WriteJSON(gcPIDFile(st), os.Getpid()); err != nil {
 		return err
 	}
-	c := &gc.Collector{Store: st, Images: images, Log: log, SRLock: srLockPath(st), Fault: fault}
+	v := &volumes{d: d, st: st, log: log}
+	c := v.collector(fault)
+	// Volume operations a crashed call left journalled may hold a VM
+	// paused: the GC finishes them on its next pass.
+	c.RecoverVolumes = func(ctx context.Context) error {
+		l, err := v.exclusive(ctx)
+		if err != nil {
+			return err
+		}
+		l.Release()
+		return nil
+	}
 	if once {
 		for {
 			changed, err := c.Pass(ctx)
@@ -219,13 +234,26 @@ func runGC(ctx context.Context, sr string, interval time.Duration, once bool, im
 	return c.Run(ctx, interval, func() bool { return CheckAttached(sr) == nil })
 }
 
+// collector is the SR's garbage collector with this call's edges: images,
+// and the datapath to pause VMs' tapdisks with.
+func (v *volumes) collector(fault func(string)) *gc.Collector {
+	c := &gc.Collector{Store: v.st, Images: v.d.Images, Log: v.log, SRLock: srLockPath(v.st), Fault: fault}
+	if v.d.Datapath != nil {
+		m := v.d.Datapath
+		c.Pause = func(ctx context.Context, paths ...string) (func(context.Context) error, int, error) {
+			return pauseAll(ctx, m, v.log, paths...)
+		}
+	}
+	return c
+}
+
 // CollectOnce runs the SR's garbage collector in this process until there
-// is nothing left to do (tests and operators). fault, when set, is called
-// after each journalled coalesce step.
-func CollectOnce(ctx context.Context, sr string, images image.Files, fault func(step string), log logrus.FieldLogger) error {
+// is nothing left to do (tests and operators), with d's images and
+// datapath. fault, when set, is called after each journalled step.
+func CollectOnce(ctx context.Context, sr string, d VolumeDeps, fault func(step string), log logrus.FieldLogger) error {
 	abs, err := filepath.Abs(sr)
 	if err != nil {
 		return err
 	}
-	return runGC(ctx, abs, 0, true, images, fault, log)
+	return runGC(ctx, abs, 0, true, d, fault, log)
 }

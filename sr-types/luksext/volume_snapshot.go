@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -84,10 +85,23 @@ func volumeSnapshot(ctx context.Context, d VolumeDeps, p smapi.VolumeParams, clo
 	if err := store.WriteJSON(jpath, j); err != nil {
 		return smapi.Volume{}, err
 	}
-	if err := v.finishSnapshot(ctx, j); err != nil {
+	// A running VM's leaf is renamed below: its tapdisk must be paused
+	// (live.go). If it cannot be, nothing was changed: drop the journal.
+	start := time.Now()
+	resume, err := v.pauseLeaf(ctx, a)
+	if err != nil {
+		return smapi.Volume{}, errors.Join(err, removeJournal(jpath))
+	}
+	pausedAt := time.Now()
+	err = v.finishSnapshot(ctx, j)
+	if rerr := resume(ctx); err == nil {
+		err = rerr
+	}
+	paused := time.Since(pausedAt)
+	if err != nil {
 		return smapi.Volume{}, err
 	}
-	if err := os.Remove(jpath); err != nil {
+	if err := removeJournal(jpath); err != nil {
 		return smapi.Volume{}, err
 	}
 	s, err := v.st.Get(j.New)
@@ -98,7 +112,8 @@ func volumeSnapshot(ctx context.Context, d VolumeDeps, p smapi.VolumeParams, clo
 	if clone {
 		what = "clone"
 	}
-	v.log.WithFields(logrus.Fields{"vol": a.ID, "new": s.ID, "base": j.Base, "depth": depth + 1}).Info(what + " created")
+	v.log.WithFields(logrus.Fields{"vol": a.ID, "new": s.ID, "base": j.Base, "depth": depth + 1,
+		"paused_ms": paused.Milliseconds(), "total_ms": time.Since(start).Milliseconds()}).Info(what + " created")
 	return v.toVolume(s), nil
 }
 
@@ -172,8 +187,10 @@ func snapshotVDI(src *store.VDI, clone bool) *store.VDI {
 	return &store.VDI{Name: src.Name, Description: src.Description, ReadWrite: clone, Sharable: src.Sharable, Keys: map[string]string{}}
 }
 
-// recover finishes journalled operations of crashed calls. Called with the
-// SR lock held exclusively.
+// recover finishes journalled operations of crashed calls (snapshots,
+// clones, resizes), pausing the leaf's tapdisk again if it serves a VM: a
+// call killed between pause and unpause is finished, and unpaused, here.
+// Called with the SR lock held exclusively.
 func (v *volumes) recover(ctx context.Context) error {
 	entries, err := os.ReadDir(journalDir(v.st))
 	if errors.Is(err, os.ErrNotExist) {
@@ -184,23 +201,46 @@ func (v *volumes) recover(ctx context.Context) error {
 	}
 	for _, e := range entries {
 		name := e.Name()
-		if !strings.HasPrefix(name, "snapshot-") || !strings.HasSuffix(name, ".json") {
+		path := filepath.Join(journalDir(v.st), name)
+		switch journalKind(name) {
+		case "snapshot":
+			var j snapshotJournal
+			if err := store.ReadJSON(path, &j); err != nil {
+				return fmt.Errorf("reading journal %s: %w", path, err)
+			}
+			v.log.WithFields(logrus.Fields{"vol": j.VDI, "journal": name}).Warn("finishing a snapshot interrupted by a crash")
+			a, err := v.st.Get(j.VDI)
+			if err != nil {
+				return smapi.Errorf(smapi.KindNeedsAttention, "cannot finish the interrupted snapshot of volume %s (journal %s): %v", j.VDI, path, err)
+			}
+			resume, err := v.pauseLeaf(ctx, a)
+			if err != nil {
+				return err
+			}
+			err = v.finishSnapshot(ctx, j)
+			if rerr := resume(ctx); err == nil {
+				err = rerr
+			}
+			if err != nil {
+				return smapi.Errorf(smapi.KindNeedsAttention, "cannot finish the interrupted snapshot of volume %s (journal %s): %v", j.VDI, path, err)
+			}
+		case "resize":
+			var j resizeJournal
+			if err := store.ReadJSON(path, &j); err != nil {
+				return fmt.Errorf("reading journal %s: %w", path, err)
+			}
+			v.log.WithFields(logrus.Fields{"vol": j.VDI, "journal": name}).Warn("finishing a resize interrupted by a crash")
+			if err := v.finishResize(ctx, j); err != nil {
+				return fmt.Errorf("finishing the interrupted resize of volume %s (journal %s): %w", j.VDI, path, err)
+			}
+		default:
 			continue
 		}
-		path := filepath.Join(journalDir(v.st), name)
-		var j snapshotJournal
-		if err := store.ReadJSON(path, &j); err != nil {
-			return fmt.Errorf("reading journal %s: %w", path, err)
-		}
-		v.log.WithFields(logrus.Fields{"vol": j.VDI, "journal": name}).Warn("finishing a snapshot interrupted by a crash")
-		if err := v.finishSnapshot(ctx, j); err != nil {
-			return smapi.Errorf(smapi.KindNeedsAttention, "cannot finish the interrupted snapshot of volume %s (journal %s): %v", j.VDI, path, err)
-		}
-		if err := os.Remove(path); err != nil {
+		if err := removeJournal(path); err != nil {
 			return err
 		}
 	}
-	return nil
+	return v.recoverGC(ctx)
 }
 
 func syncDirOf(path string) error {

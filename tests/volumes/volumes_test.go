@@ -27,9 +27,13 @@ import (
 
 	"github.com/luksext/luksext/plugins/image"
 	"github.com/luksext/luksext/plugins/run"
+	"github.com/luksext/luksext/plugins/run/runfake"
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/smapi/smapitest"
 	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/tapdisk"
+	"github.com/luksext/luksext/plugins/tapdisk/attachment"
+	"github.com/luksext/luksext/plugins/tapdisk/tapdiskfake"
 	"github.com/luksext/luksext/plugins/vhd"
 	"github.com/luksext/luksext/sr-types/luksext"
 	"github.com/luksext/luksext/tests/testenv"
@@ -56,7 +60,7 @@ func quietLog() *logrus.Logger {
 func TestMain(m *testing.M) {
 	if spec := os.Getenv(crashAt); spec != "" {
 		sr, step, _ := strings.Cut(spec, "|")
-		err := luksext.CollectOnce(context.Background(), sr, image.Files{}, func(s string) {
+		err := luksext.CollectOnce(context.Background(), sr, luksext.VolumeDeps{}, func(s string) {
 			if s == step {
 				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 			}
@@ -110,15 +114,30 @@ type sr struct {
 	dir   string
 	ctx   *smapitest.Ctx
 	model map[string][]byte // expected guest-visible content per volume
+	// the datapath: tapdisk modelled by tapdiskfake behind tap-ctl
+	blktap *tapdiskfake.Blktap
+	tapctl *runfake.Runner
+	dp     *attachment.Manager
 }
 
 func newSR(t *testing.T) *sr {
 	dir := t.TempDir()
 	b, _ := json.Marshal(map[string]any{"schema": 1, "uuid": store.NewID(), "name": "t", "description": ""})
 	require.NoError(t, os.WriteFile(filepath.Join(dir, luksext.SRMetaFile), b, 0o600))
-	table := luksext.VolumeTable(luksext.Deps{Paths: run.DefaultPaths, Volumes: luksext.VolumeDeps{Images: image.Files{Runner: run.NewExec(quietLog())}}})
+	s := &sr{t: t, dir: dir, model: map[string][]byte{}}
+	s.tapctl = runfake.New()
+	s.blktap = tapdiskfake.New(s.tapctl)
+	s.dp = &attachment.Manager{Ctl: tapdisk.Ctl{Runner: s.tapctl}, Dir: filepath.Join(t.TempDir(), "datapath"), Log: quietLog()}
+	table := luksext.VolumeTable(luksext.Deps{Paths: run.DefaultPaths, Volumes: s.deps()})
 	inv := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify, Log: quietLog()}}
-	return &sr{t: t, dir: dir, ctx: &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: inv, Table: table}}, model: map[string][]byte{}}
+	s.ctx = &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: inv, Table: table}}
+	return s
+}
+
+// deps are the volume layer's edges: real images, the fake datapath.
+func (s *sr) deps() luksext.VolumeDeps {
+	return luksext.VolumeDeps{Images: image.Files{Runner: run.NewExec(quietLog())}, Datapath: s.dp,
+		InUse: s.dp.InUseUnder}
 }
 
 func (s *sr) call(method string, out any, kv ...any) {
@@ -249,7 +268,7 @@ func buildTree(t *testing.T) (*sr, string, string) {
 func TestSnapshotCloneAndGCKeepEveryBlock(t *testing.T) {
 	s, a, c1 := buildTree(t)
 	require.Len(t, s.images(), 4, "base1, base2, A, C1")
-	require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, image.Files{}, nil, quietLog()))
+	require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
 	s.verify("after coalesce")
 	assert.Len(t, s.chain(a), 2, "base2 coalesced into base1")
 	assert.Len(t, s.chain(c1), 2)
@@ -257,7 +276,7 @@ func TestSnapshotCloneAndGCKeepEveryBlock(t *testing.T) {
 
 	s.destroy(c1)
 	s.destroy(a)
-	require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, image.Files{}, nil, quietLog()))
+	require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
 	assert.Empty(t, s.images(), "bases nothing uses are deleted")
 }
 
@@ -277,7 +296,7 @@ func TestGCKilledAtEachStepLosesNothing(t *testing.T) {
 			require.True(t, ws.Signaled() && ws.Signal() == syscall.SIGKILL, "the GC died by SIGKILL at %s (status %v)", step, ws)
 			s.verify("right after the kill")
 
-			require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, image.Files{}, nil, quietLog()))
+			require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
 			s.verify("after recovery")
 			assert.Len(t, s.chain(a), 2)
 			assert.Len(t, s.chain(c1), 2)
