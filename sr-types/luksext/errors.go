@@ -55,6 +55,9 @@ var classifications = []classification{
 	{smapi.KindInvalidParameters, is(attachment.ErrNotAttached)},
 	{smapi.KindInUse, is(attachment.ErrInUse)},
 	{smapi.KindNeedsAttention, is(attachment.ErrDamagedRecord)},
+	// a VM's tapdisk that does not pause: nothing was changed, retry later
+	{smapi.KindInUse, is(attachment.ErrPauseFailed)},
+	{smapi.KindInUse, is(attachment.ErrStalePause)},
 	// volumes
 	{smapi.KindVolumeDoesNotExist, is(store.ErrNotFound)},
 	{smapi.KindNeedsAttention, is(store.ErrCorrupt)},

@@ -12,6 +12,7 @@ import (
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/smapi"
+	"github.com/luksext/luksext/plugins/tapdisk/attachment"
 	"github.com/luksext/luksext/plugins/xapi"
 )
 
@@ -31,6 +32,8 @@ func TestClassify(t *testing.T) {
 		clevis.ErrTangUnreachable:           "Key_unavailable",
 		clevis.ErrThumbprintMismatch:        "Invalid_configuration",
 		xapi.ErrSecretNotFound:              "Invalid_configuration",
+		attachment.ErrPauseFailed:          "In_use",
+		attachment.ErrStalePause:           "In_use",
 		fmt.Errorf("plain programming bug"): "Internal_error",
 	}
 	for sentinel, want := range cases {

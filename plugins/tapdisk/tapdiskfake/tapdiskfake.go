@@ -8,6 +8,7 @@ package tapdiskfake
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
@@ -32,6 +33,10 @@ type Minor struct {
 	Paused bool
 	// Writes counts I/Os accepted, per path they went to (Write).
 	Writes map[string]int
+	// Opens counts the times the image was (re)opened by path: open and
+	// unpause. A model of the VM holding the file open reopens it by path
+	// when this changes (tapdisk's reopen on unpause).
+	Opens int
 }
 
 // Crash says when a command should report failure: Before (nothing done)
@@ -53,6 +58,53 @@ type Blktap struct {
 	crashes  []Crash
 	// hang: pids whose tapdisk never answers pause (a stuck tapdisk).
 	hang map[int]bool
+	// AfterCommand, when set, is called after every command that changed
+	// something (with the model's lock held: it may call State only).
+	AfterCommand func()
+}
+
+type state struct {
+	NextPID  int            `json:"next_pid"`
+	Tapdisks []int          `json:"tapdisks"`
+	Minors   map[int]*Minor `json:"minors"`
+	Hang     map[int]bool   `json:"hang"`
+}
+
+// State serialises the model, so that a test can hand it to another
+// process (which dies at a chosen point) and take it back.
+func (b *Blktap) State() []byte {
+	st := state{NextPID: b.nextPID, Tapdisks: b.pidsLocked(), Minors: b.minors, Hang: b.hang}
+	out, _ := json.Marshal(st)
+	return out
+}
+
+// LockedState is State for callers not holding the model's lock.
+func (b *Blktap) LockedState() []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.State()
+}
+
+// SetState replaces the model with one State returned.
+func (b *Blktap) SetState(data []byte) error {
+	var st state
+	if err := json.Unmarshal(data, &st); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.nextPID, b.minors, b.hang = st.NextPID, st.Minors, st.Hang
+	if b.minors == nil {
+		b.minors = map[int]*Minor{}
+	}
+	if b.hang == nil {
+		b.hang = map[int]bool{}
+	}
+	b.tapdisks = map[int]bool{}
+	for _, p := range st.Tapdisks {
+		b.tapdisks[p] = true
+	}
+	return nil
 }
 
 // ErrPaused is returned by Write on a paused minor: tapdisk holds the
@@ -175,6 +227,9 @@ func (b *Blktap) handle(c runfake.Call) (run.Result, error) {
 		}
 	}
 	res, err := b.do(cmd, flags(c.Args[1:]), c)
+	if err == nil && cmd != "list" && b.AfterCommand != nil {
+		b.AfterCommand()
+	}
 	if after && err == nil {
 		return run.Result{}, fmt.Errorf("tap-ctl %s (done): %w", cmd, ErrCrash)
 	}
@@ -266,6 +321,7 @@ func (b *Blktap) do(cmd string, f map[string]string, c runfake.Call) (run.Result
 			m.Type, m.Path = typ, path
 		}
 		m.Paused = false
+		m.Opens++
 	case "attach":
 		if m.PID != 0 {
 			return run.Result{}, errno(16, "Device or resource busy", c)
@@ -284,6 +340,7 @@ func (b *Blktap) do(cmd string, f map[string]string, c runfake.Call) (run.Result
 		}
 		_, ro := f["-R"]
 		m.Type, m.Path, m.ReadOnly = typ, path, ro
+		m.Opens++
 	case "close":
 		if m.PID != pid || m.Path == "" {
 			return run.Result{}, errno(22, "Invalid argument", c)
