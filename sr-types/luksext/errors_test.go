@@ -32,8 +32,8 @@ func TestClassify(t *testing.T) {
 		clevis.ErrTangUnreachable:           "Key_unavailable",
 		clevis.ErrThumbprintMismatch:        "Invalid_configuration",
 		xapi.ErrSecretNotFound:              "Invalid_configuration",
-		attachment.ErrPauseFailed:          "In_use",
-		attachment.ErrStalePause:           "In_use",
+		attachment.ErrPauseFailed:           "In_use",
+		attachment.ErrStalePause:            "In_use",
 		fmt.Errorf("plain programming bug"): "Internal_error",
 	}
 	for sentinel, want := range cases {
