@@ -32,6 +32,10 @@ type VolumeDeps struct {
 	// Datapath pauses the tapdisk serving a VM's leaf around changes to
 	// images it has open (volume_live.go); nil: no VM can have any open.
 	Datapath *attachment.Manager
+	// Fault, when set (tests), is called after each step of a snapshot or
+	// clone (SnapshotSteps); a test kills the process there to prove
+	// that the next call converges.
+	Fault func(step string)
 }
 
 // MaxChainDepth is the longest image chain a snapshot may create (SMAPIv1

@@ -33,6 +33,16 @@ type snapshotJournal struct {
 
 func journalDir(st store.Store) string { return st.Path("journal") }
 
+// SnapshotSteps are the points of a snapshot or clone passed to
+// VolumeDeps.Fault, in order.
+var SnapshotSteps = []string{"journalled", "paused", "renamed", "created", "recorded", "unpaused"}
+
+func (v *volumes) fault(step string) {
+	if v.d.Fault != nil {
+		v.d.Fault(step)
+	}
+}
+
 // JournalPending reports whether a volume operation is unfinished; the GC
 // does nothing while one is (it would see a half-built tree).
 func JournalPending(sr string) (bool, error) {
@@ -85,6 +95,7 @@ func volumeSnapshot(ctx context.Context, d VolumeDeps, p smapi.VolumeParams, clo
 	if err := store.WriteJSON(jpath, j); err != nil {
 		return smapi.Volume{}, err
 	}
+	v.fault("journalled")
 	// A running VM's leaf is renamed below: its tapdisk must be paused
 	// (live.go). If it cannot be, nothing was changed: drop the journal.
 	start := time.Now()
@@ -93,11 +104,15 @@ func volumeSnapshot(ctx context.Context, d VolumeDeps, p smapi.VolumeParams, clo
 		return smapi.Volume{}, errors.Join(err, removeJournal(jpath))
 	}
 	pausedAt := time.Now()
+	v.fault("paused")
 	err = v.finishSnapshot(ctx, j)
 	if rerr := resume(ctx); err == nil {
 		err = rerr
 	}
 	paused := time.Since(pausedAt)
+	if err == nil {
+		v.fault("unpaused")
+	}
 	if err != nil {
 		return smapi.Volume{}, err
 	}
@@ -146,6 +161,7 @@ func (v *volumes) finishSnapshot(ctx context.Context, j snapshotJournal) error {
 		if err := syncDirOf(basePath); err != nil {
 			return err
 		}
+		v.fault("renamed")
 	}
 	if err := v.st.Put(base); err != nil {
 		return err
@@ -166,12 +182,17 @@ func (v *volumes) finishSnapshot(ctx context.Context, j snapshotJournal) error {
 			}
 		}
 	}
+	v.fault("created")
 	// 3. records: the new VDI, then the VDI's leaf now under the base
 	if err := v.st.Put(newNode); err != nil {
 		return err
 	}
 	a.Parent = j.Base
-	return v.st.Put(a)
+	if err := v.st.Put(a); err != nil {
+		return err
+	}
+	v.fault("recorded")
+	return nil
 }
 
 // snapshotVDI is the record of a new snapshot or clone of src. The SMAPIv3

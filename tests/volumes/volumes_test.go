@@ -58,6 +58,9 @@ func quietLog() *logrus.Logger {
 // them exec the binary built from ./volume (volumeBinary), as StartGC and
 // xapi-storage-script do.
 func TestMain(m *testing.M) {
+	if spec := os.Getenv(liveCrashEnv); spec != "" {
+		os.Exit(liveCrashHelper(spec))
+	}
 	if spec := os.Getenv(crashAt); spec != "" {
 		sr, step, _ := strings.Cut(spec, "|")
 		err := luksext.CollectOnce(context.Background(), sr, luksext.VolumeDeps{}, func(s string) {
