@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -264,13 +265,27 @@ func liveCrashHelper(spec string) int {
 		return 4
 	}
 	bt.AfterCommand = func() { _ = store.WriteFileAtomic(c.State, bt.State(), 0o600) }
-	d := luksext.VolumeDeps{Images: image.Files{Runner: run.NewExec(quietLog())},
-		Datapath: &attachment.Manager{Ctl: tapdisk.Ctl{Runner: r}, Dir: c.DPDir, Log: quietLog()},
-		Fault: func(step string) {
-			if step == c.Step {
+	// Step is "name" or "name-n": the n-th time that step is reached.
+	target, nth := c.Step, 1
+	if name, n, ok := strings.Cut(c.Step, "-"); ok {
+		target, nth = name, int(n[0]-'0')
+	}
+	seen := 0
+	fault := func(step string) {
+		if step == target {
+			if seen++; seen == nth {
 				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 			}
-		}}
+		}
+	}
+	d := luksext.VolumeDeps{Images: image.Files{Runner: run.NewExec(quietLog())},
+		Datapath: &attachment.Manager{Ctl: tapdisk.Ctl{Runner: r}, Dir: c.DPDir, Log: quietLog()},
+		Fault:    fault}
+	if c.Method == "gc" {
+		err := luksext.CollectOnce(context.Background(), c.SR, d, fault, quietLog())
+		fmt.Fprintln(os.Stderr, "not killed:", err)
+		return 3
+	}
 	table := luksext.VolumeTable(luksext.Deps{Volumes: d})
 	inv := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify, Log: quietLog()}}
 	p, _ := json.Marshal(map[string]any{"dbg": "crash", "sr": c.SR, "key": c.Key})
@@ -295,35 +310,11 @@ func TestLiveSnapshotKilledAtEachStepConverges(t *testing.T) {
 				m := s.start(a)
 				m.write(0)
 				atSnapshot := bytes.Clone(m.shadow)
-				stateFile := filepath.Join(t.TempDir(), "blktap.json")
-				require.NoError(t, os.WriteFile(stateFile, s.blktap.LockedState(), 0o600))
-				spec, _ := json.Marshal(liveCrash{SR: s.dir, State: stateFile, DPDir: s.dp.Dir, Method: method, Key: a, Step: step})
-				cmd := exec.Command(os.Args[0], "-test.run=^$")
-				cmd.Env = append(os.Environ(), liveCrashEnv+"="+string(spec))
-				out, err := cmd.CombinedOutput()
-				var ee *exec.ExitError
-				require.ErrorAs(t, err, &ee, "%s", out)
-				ws := ee.Sys().(syscall.WaitStatus)
-				require.True(t, ws.Signaled() && ws.Signal() == syscall.SIGKILL, "killed at %s: %s", step, out)
-				data, err := os.ReadFile(stateFile)
-				require.NoError(t, err)
-				require.NoError(t, s.blktap.SetState(data))
-				m.sync()
+				s.crash(m, method, a, step)
 				if step != "journalled" && step != "unpaused" {
 					m.requirePaused(true) // the crash left the VM paused
 				}
-
-				switch via {
-				case "datapath": // xapi-storage-script re-activating the VM's disk
-					table := luksext.DatapathTable(luksext.Deps{Datapath: luksext.DatapathDeps{Runner: s.tapctl, StateDir: s.dp.Dir}, Volumes: s.deps()})
-					x := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "datapath", Table: table, Classify: luksext.Classify, Log: quietLog()}}
-					dctx := &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: x, Table: table}}
-					dctx.MustSucceed("Datapath.activate", map[string]any{"dbg": "t", "uri": luksext.VolumeURI(m.path), "domain": "5"}, nil)
-				case "volume": // any call that changes the SR's tree
-					s.call("Volume.resize", nil, "key", a, "new_size", volSize)
-				case "gc":
-					require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
-				}
+				s.converge(via, a, m)
 				m.requirePaused(false)
 				m.write(1)
 				if step == "journalled" && via == "datapath" {
@@ -348,5 +339,82 @@ func TestLiveSnapshotKilledAtEachStepConverges(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// crash runs method (or "gc") in a child process that SIGKILLs itself at
+// step, with this SR's datapath model, and takes the model back.
+func (s *sr) crash(m *vm, method, key, step string) {
+	t := s.t
+	t.Helper()
+	stateFile := filepath.Join(t.TempDir(), "blktap.json")
+	require.NoError(t, os.WriteFile(stateFile, s.blktap.LockedState(), 0o600))
+	spec, _ := json.Marshal(liveCrash{SR: s.dir, State: stateFile, DPDir: s.dp.Dir, Method: method, Key: key, Step: step})
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), liveCrashEnv+"="+string(spec))
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	require.ErrorAs(t, err, &ee, "%s", out)
+	ws := ee.Sys().(syscall.WaitStatus)
+	require.True(t, ws.Signaled() && ws.Signal() == syscall.SIGKILL, "killed at %s: %s", step, out)
+	data, err := os.ReadFile(stateFile)
+	require.NoError(t, err)
+	require.NoError(t, s.blktap.SetState(data))
+	m.sync()
+}
+
+// converge makes the call that must finish an interrupted operation.
+func (s *sr) converge(via, key string, m *vm) {
+	t := s.t
+	t.Helper()
+	switch via {
+	case "datapath": // xapi-storage-script re-activating the VM's disk
+		table := luksext.DatapathTable(luksext.Deps{Datapath: luksext.DatapathDeps{Runner: s.tapctl, StateDir: s.dp.Dir}, Volumes: s.deps()})
+		x := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "datapath", Table: table, Classify: luksext.Classify, Log: quietLog()}}
+		dctx := &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: x, Table: table}}
+		dctx.MustSucceed("Datapath.activate", map[string]any{"dbg": "t", "uri": luksext.VolumeURI(m.path), "domain": "5"}, nil)
+	case "volume": // any call that changes the SR's tree
+		s.call("Volume.resize", nil, "key", key, "new_size", volSize)
+	case "gc":
+		require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
+	}
+}
+
+// kill -9 at each step of the GC's coalesce and leaf-coalesce of a
+// running VM's chain: the next Datapath call, volume call or GC run
+// finishes it, the VM is not left paused, its data is whole and its chain
+// ends one image deep.
+func TestLiveGCKilledAtEachStepConverges(t *testing.T) {
+	steps := []string{"journalled-1", "copied-1", "reparented-1", "deleted-1", "journalled-2", "copied-2", "renamed-1", "recorded-1"}
+	vias := []string{"datapath", "volume", "gc"}
+	for i, step := range steps {
+		via := vias[i%len(vias)]
+		t.Run(step+"/"+via, func(t *testing.T) {
+			s := newSR(t)
+			a := s.create("A")
+			m := s.start(a)
+			m.write(0)
+			s1 := s.snapshot("Volume.snapshot", a)
+			m.write(1)
+			s2 := s.snapshot("Volume.snapshot", a)
+			m.write(2)
+			s.destroy(s1)
+			s.destroy(s2)
+			require.Len(t, s.chain(a), 3)
+			s.crash(m, "gc", "", step)
+			if strings.HasPrefix(step, "copied-2") || strings.HasPrefix(step, "renamed") || strings.HasPrefix(step, "recorded") {
+				m.requirePaused(true) // killed inside the leaf-coalesce
+			}
+			s.converge(via, a, m)
+			m.requirePaused(false)
+			m.write(3)
+			require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
+			m.requirePaused(false)
+			assert.Empty(t, s.journals())
+			assert.Len(t, s.chain(a), 1)
+			assert.Len(t, s.images(), 1)
+			m.write(4)
+			s.checkDisk("the VM's disk", a, m.shadow)
+		})
 	}
 }
