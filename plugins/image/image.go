@@ -236,6 +236,20 @@ func (x Files) SetHidden(path string) error {
 	return img.SetHidden(true)
 }
 
+// Unhide clears the hidden flag of a VHD (a base copy that becomes a
+// VDI's leaf again, by leaf-coalesce).
+func (x Files) Unhide(path string) error {
+	if FormatOf(path) != store.FormatVHD {
+		return nil
+	}
+	img, err := vhd.Open(path, true)
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	return img.SetHidden(false)
+}
+
 func tmpName(path string) string {
 	return filepath.Join(filepath.Dir(path), ".tmp-"+store.NewID()+"."+FormatOf(path))
 }

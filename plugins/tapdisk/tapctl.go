@@ -69,14 +69,27 @@ type Entry struct {
 	Path  string
 }
 
-// Open reports whether the entry has an image open.
+// Open reports whether the entry has an image open (a paused tapdisk still
+// lists the image it will reopen).
 func (e Entry) Open() bool { return e.Path != "" }
+
+// State bits of a tap-ctl list entry (blktap drivers/tapdisk-vbd.h).
+const (
+	StatePauseRequested = 0x10 // TD_VBD_PAUSE_REQUESTED: draining
+	StatePaused         = 0x20 // TD_VBD_PAUSED: image closed, I/O held
+)
+
+// Paused reports whether the tapdisk has paused (or begun pausing) minor.
+func (e Entry) Paused() bool { return e.State > 0 && e.State&(StatePaused|StatePauseRequested) != 0 }
 
 // DevicePath is the tapdev node of minor, as blktap names it.
 func DevicePath(minor int) string { return fmt.Sprintf("%s/tapdev%d", DeviceDir, minor) }
 
 func (c Ctl) run(ctx context.Context, args ...string) (string, error) {
-	timeout := c.Timeout
+	return c.runFor(ctx, c.Timeout, args...)
+}
+
+func (c Ctl) runFor(ctx context.Context, timeout time.Duration, args ...string) (string, error) {
 	if timeout == 0 {
 		timeout = DefaultTimeout
 	}
@@ -152,6 +165,29 @@ func (c Ctl) Close(ctx context.Context, pid, minor int) error {
 // more devices).
 func (c Ctl) Detach(ctx context.Context, pid, minor int) error {
 	_, err := c.run(ctx, "detach", "-p", strconv.Itoa(pid), "-m", strconv.Itoa(minor))
+	return err
+}
+
+// Pause asks the tapdisk to quiesce minor: it drains the requests in
+// flight, closes the image and holds every new request until Unpause
+// (blktap control/tap-ctl-pause.c, drivers/tapdisk-vbd.c). The image may
+// then be renamed or rewritten. timeout bounds the wait (tap-ctl's own -t
+// is unusable on pause: tap-ctl.c falls through to the usage error).
+func (c Ctl) Pause(ctx context.Context, pid, minor int, timeout time.Duration) error {
+	_, err := c.runFor(ctx, timeout, "pause", "-p", strconv.Itoa(pid), "-m", strconv.Itoa(minor))
+	return err
+}
+
+// Unpause reopens the image of a paused minor and lets I/O flow again.
+// With img, tapdisk opens img instead of the path it had (tap-ctl unpause
+// -a type:path); without, it reopens the same path, i.e. whatever file has
+// that name now. tapdisk answers EINVAL when minor is not paused.
+func (c Ctl) Unpause(ctx context.Context, pid, minor int, img *Image) error {
+	args := []string{"unpause", "-p", strconv.Itoa(pid), "-m", strconv.Itoa(minor)}
+	if img != nil {
+		args = append(args, "-a", img.Arg())
+	}
+	_, err := c.run(ctx, args...)
 	return err
 }
 

@@ -107,3 +107,25 @@ func TestErrors(t *testing.T) {
 	require.ErrorIs(t, err, ErrBadOutput)
 	assert.Contains(t, fmt.Sprint(err), "tapdev")
 }
+
+func TestPauseUnpauseCommandLines(t *testing.T) {
+	f := runfake.New()
+	f.Handle(Tool, func(runfake.Call) (run.Result, error) { return run.Result{}, nil })
+	c := Ctl{Runner: f}
+	ctx := context.Background()
+	require.NoError(t, c.Pause(ctx, 412, 3, 0))
+	require.NoError(t, c.Unpause(ctx, 412, 3, nil))
+	require.NoError(t, c.Unpause(ctx, 412, 3, &Image{Type: "vhd", Path: "/sr/n.vhd"}))
+	var lines []string
+	for _, call := range f.Calls() {
+		lines = append(lines, call.Line())
+	}
+	assert.Equal(t, []string{"tap-ctl pause -p 412 -m 3", "tap-ctl unpause -p 412 -m 3", "tap-ctl unpause -p 412 -m 3 -a vhd:/sr/n.vhd"}, lines)
+
+	got, err := ParseList("pid=1 minor=0 state=0x20 args=vhd:/a.vhd\npid=1 minor=1 state=0x10 args=vhd:/b.vhd\npid=1 minor=2 state=0x2\npid=2\n")
+	require.NoError(t, err)
+	assert.True(t, got[0].Paused() && got[0].Open(), "a paused tapdisk still lists its image")
+	assert.True(t, got[1].Paused(), "pause requested: draining")
+	assert.False(t, got[2].Paused())
+	assert.False(t, got[3].Paused(), "no state")
+}

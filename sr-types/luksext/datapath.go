@@ -58,8 +58,9 @@ func ParseVolumeURI(uri string) (tapdisk.Image, error) {
 }
 
 type datapath struct {
-	paths run.Paths
-	deps  DatapathDeps
+	paths   run.Paths
+	deps    DatapathDeps
+	volumes VolumeDeps
 }
 
 func (dp datapath) manager(ctx context.Context) *attachment.Manager {
@@ -67,7 +68,14 @@ func (dp datapath) manager(ctx context.Context) *attachment.Manager {
 	if r == nil {
 		r = &run.Exec{Paths: dp.paths, Log: smapi.Logger(ctx)}
 	}
-	return &attachment.Manager{Ctl: tapdisk.Ctl{Runner: r}, Dir: dp.deps.StateDir, Log: smapi.Logger(ctx)}
+	m := &attachment.Manager{Ctl: tapdisk.Ctl{Runner: r}, Dir: dp.deps.StateDir, Log: smapi.Logger(ctx)}
+	// A tapdisk left paused by a volume call that died is unpaused by
+	// finishing that call's journalled operation (volume_live.go), with
+	// this same datapath state.
+	vd := dp.volumes
+	vd.Datapath = m
+	m.Recover = recoverForDatapath(vd)
+	return m
 }
 
 func (dp datapath) attach(ctx context.Context, p smapi.DatapathParams) (smapi.Backend, error) {
@@ -122,7 +130,7 @@ func (dp datapath) detach(ctx context.Context, p smapi.DatapathParams) (smapi.Un
 // stay unimplemented: we do not declare NONPERSISTENT, so the daemon never
 // calls them and implements reset-on-boot with Volume.clone instead.
 func datapathMethods(d Deps) []smapi.Method {
-	dp := datapath{paths: d.Paths, deps: d.Datapath}
+	dp := datapath{paths: d.Paths, deps: d.Datapath, volumes: d.Volumes}
 	return []smapi.Method{
 		smapi.Handle("Datapath.attach", smapi.ResultBackend, dp.attach),
 		smapi.Handle("Datapath.activate", smapi.ResultUnit, dp.activate(false)),

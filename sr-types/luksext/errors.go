@@ -32,7 +32,6 @@ var classifications = []classification{
 	{smapi.KindDeviceNotBlank, blockdev.ErrSignaturePresent},
 	{smapi.KindDeviceNotFound, luks.ErrDeviceNotFound},
 	{smapi.KindDeviceNotFound, blockdev.ErrDeviceNotFound},
-	{smapi.KindInUse, blockdev.ErrInUse},
 	{smapi.KindWrongPassphrase, luks.ErrWrongPassphrase},
 	{smapi.KindInUse, luks.ErrBusy},
 	{smapi.KindInUse, fs.ErrBusy},
@@ -55,6 +54,10 @@ var classifications = []classification{
 	{smapi.KindInvalidParameters, attachment.ErrNotAttached},
 	{smapi.KindInUse, attachment.ErrInUse},
 	{smapi.KindNeedsAttention, attachment.ErrDamagedRecord},
+	// a VM's tapdisk that does not pause: nothing was changed, retry later
+	{smapi.KindInUse, attachment.ErrPauseFailed},
+	{smapi.KindInUse, attachment.ErrStalePause},
+	{smapi.KindInUse, blockdev.ErrInUse},
 	// volumes
 	{smapi.KindVolumeDoesNotExist, store.ErrNotFound},
 	{smapi.KindNeedsAttention, store.ErrCorrupt},

@@ -15,6 +15,7 @@ import (
 	"github.com/luksext/luksext/plugins/lock"
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/tapdisk/attachment"
 )
 
 // VolumeDeps are the edges of the volume handlers (Volume.*, SR.ls).
@@ -31,6 +32,13 @@ type VolumeDeps struct {
 	// Handles checks the sr argument of every call (zero value: the
 	// host's /var/run/sr-mount, mountinfo and /dev/mapper).
 	Handles SRCheck
+	// Datapath pauses the tapdisk serving a VM's leaf around changes to
+	// images it has open (volume_live.go); nil: no VM can have any open.
+	Datapath *attachment.Manager
+	// Fault, when set (tests), is called after each step of a snapshot or
+	// clone (SnapshotSteps); a test kills the process there to prove
+	// that the next call converges.
+	Fault func(step string)
 }
 
 // MaxChainDepth is the longest image chain a snapshot may create (SMAPIv1
@@ -369,10 +377,18 @@ func volumeResize(ctx context.Context, d VolumeDeps, p smapi.VolumeResizeParams)
 	} else {
 		size = image.RoundResize(n.Format, size) // qemu-img resizes by whole sectors
 	}
-	// Image first: the record's size never claims more than the image has.
-	if err := d.Images.Resize(ctx, v.st.ImagePath(n), size); err != nil {
+	// Journalled, then done with the leaf's tapdisk paused (volume_live.go);
+	// image first: the record's size never claims more than the image has.
+	j := resizeJournal{VDI: n.ID, Size: size}
+	jpath := resizeJournalPath(v.st, n.ID)
+	if err := store.WriteJSON(jpath, j); err != nil {
 		return err
 	}
-	n.VirtualSize = size
-	return v.st.Put(n)
+	if err := v.finishResize(ctx, j); err != nil {
+		if errors.Is(err, attachment.ErrPauseFailed) {
+			return errors.Join(err, removeJournal(jpath)) // nothing was changed
+		}
+		return err
+	}
+	return removeJournal(jpath)
 }

@@ -22,6 +22,8 @@ import (
 	"github.com/luksext/luksext/plugins/logging"
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/tapdisk"
+	"github.com/luksext/luksext/plugins/tapdisk/attachment"
 )
 
 // GCCommand is argv[1] of the volume binary in garbage-collector mode:
@@ -33,11 +35,23 @@ const GCCommand = "gc"
 func gcRunningLock(st store.Store) string { return st.Path("gc", "running.lock") }
 func gcPIDFile(st store.Store) string     { return st.Path("gc", "pid") }
 
-// StartGC starts the SR's garbage collector as a detached process (its own
-// session, stdin/stdout/stderr on /dev/null: xapi-storage-script waits for
-// EOF on the plugin's pipes, so a child holding them would hang the call).
-// Nothing happens when one is already running. SR.attach calls it.
+// StartGC starts the SR's garbage collector as a detached process of this
+// executable (the volume binary): see StartGCFrom. SR.attach calls it.
 func StartGC(sr string) error {
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("finding the plugin executable to start the garbage collector: %w", err)
+	}
+	return StartGCFrom(self, sr)
+}
+
+// StartGCFrom starts `volume gc <sr>` from the volume binary at exe as a
+// detached process (its own session, stdin/stdout/stderr on /dev/null:
+// xapi-storage-script waits for EOF on the plugin's pipes, so a child
+// holding them would hang the call). The child inherits the environment,
+// so its knobs (GCIntervalEnv) follow the caller's. Nothing happens when a
+// collector already runs for the SR. Tests pass the binary they built.
+func StartGCFrom(self, sr string) error {
 	abs, err := filepath.Abs(sr)
 	if err != nil {
 		return err
@@ -45,10 +59,6 @@ func StartGC(sr string) error {
 	st := store.New(abs)
 	if held, err := lock.Held(gcRunningLock(st), lock.Exclusive); err != nil || held {
 		return err
-	}
-	self, err := os.Executable()
-	if err != nil {
-		return fmt.Errorf("finding the plugin executable to start the garbage collector: %w", err)
 	}
 	null, err := os.OpenFile(os.DevNull, os.O_RDWR, 0)
 	if err != nil {
@@ -110,15 +120,56 @@ func readPID(path string) int {
 	return pid
 }
 
-// RunGC is the garbage collector's main: args are what follows "gc" on the
-// command line. Wire it in volume/main.go before smapi dispatch:
-//
-//	if len(os.Args) > 1 && os.Args[1] == luksext.GCCommand {
-//		os.Exit(luksext.RunGC(os.Args[2:]))
-//	}
+// Knobs of the garbage collector: an environment variable (read first) or
+// the same-named key without the LUKSEXT_ prefix in /etc/sysconfig/luksext,
+// e.g. GC_INTERVAL=5m. Durations in Go syntax (15s, 2m).
+const (
+	GCIntervalEnv = "LUKSEXT_GC_INTERVAL" // time between passes (default 15s)
+)
+
+// DefaultGCInterval is the time between two passes of the collector.
+const DefaultGCInterval = 15 * time.Second
+
+// gcInterval reads the configured interval; a bad value is logged and
+// ignored rather than stopping the collector.
+func gcInterval(log logrus.FieldLogger) time.Duration {
+	v := os.Getenv(GCIntervalEnv)
+	if v == "" {
+		v = sysconfigValue(strings.TrimPrefix(GCIntervalEnv, "LUKSEXT_"))
+	}
+	if v == "" {
+		return DefaultGCInterval
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		log.WithField("value", v).Warn("ignoring a bad GC_INTERVAL (want a duration such as 15s or 5m)")
+		return DefaultGCInterval
+	}
+	return d
+}
+
+// sysconfigValue returns KEY's value in /etc/sysconfig/luksext (shell
+// assignment syntax, quotes stripped), or "".
+func sysconfigValue(key string) string {
+	b, err := os.ReadFile(logging.SysconfigPath)
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(strings.TrimSpace(line), "=")
+		if ok && k == key {
+			return strings.Trim(v, `"'`)
+		}
+	}
+	return ""
+}
+
+// RunGC is the garbage collector's main (VolumeMain hands it `volume gc
+// ...`): args are what follows "gc" on the command line.
 func RunGC(args []string) int {
+	log := logging.New(logging.Options{Plugin: "volume-gc", Syslog: true})
 	fs := flag.NewFlagSet("luksext-gc", flag.ContinueOnError)
-	interval := fs.Duration("interval", 15*time.Second, "time between passes")
+	interval := fs.Duration("interval", gcInterval(log), "time between passes")
 	once := fs.Bool("once", false, "collect until nothing is left to do, then exit")
 	var sr string
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
@@ -128,10 +179,12 @@ func RunGC(args []string) int {
 		fmt.Fprintln(os.Stderr, "usage: volume gc <sr mount path> [-interval 15s] [-once]")
 		return 2
 	}
-	log := logging.New(logging.Options{Plugin: "volume-gc", Syslog: true}).WithField("sr", sr)
+	log = log.WithField("sr", sr)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	if err := runGC(ctx, sr, *interval, *once, image.Files{Runner: run.NewExec(log)}, nil, log); err != nil {
+	runner := run.NewExec(log)
+	d := VolumeDeps{Images: image.Files{Runner: runner}, Datapath: &attachment.Manager{Ctl: tapdisk.Ctl{Runner: runner}, Log: log}}
+	if err := runGC(ctx, sr, *interval, *once, d, nil, log); err != nil {
 		log.WithError(err).Error("garbage collector failed")
 		return 1
 	}
@@ -141,7 +194,7 @@ func RunGC(args []string) int {
 // errGCRunning: another collector holds the SR.
 var errGCRunning = errors.New("a garbage collector already runs for this SR")
 
-func runGC(ctx context.Context, sr string, interval time.Duration, once bool, images image.Files, fault func(string), log logrus.FieldLogger) error {
+func runGC(ctx context.Context, sr string, interval time.Duration, once bool, d VolumeDeps, fault func(string), log logrus.FieldLogger) error {
 	if err := CheckAttached(sr); err != nil {
 		return err
 	}
@@ -158,7 +211,18 @@ func runGC(ctx context.Context, sr string, interval time.Duration, once bool, im
 	if err := store.WriteJSON(gcPIDFile(st), os.Getpid()); err != nil {
 		return err
 	}
-	c := &gc.Collector{Store: st, Images: images, Log: log, SRLock: srLockPath(st), Fault: fault}
+	v := &volumes{d: d, st: st, log: log}
+	c := v.collector(fault)
+	// Volume operations a crashed call left journalled may hold a VM
+	// paused: the GC finishes them on its next pass.
+	c.RecoverVolumes = func(ctx context.Context) error {
+		l, err := v.exclusive(ctx)
+		if err != nil {
+			return err
+		}
+		l.Release()
+		return nil
+	}
 	if once {
 		for {
 			changed, err := c.Pass(ctx)
@@ -170,13 +234,26 @@ func runGC(ctx context.Context, sr string, interval time.Duration, once bool, im
 	return c.Run(ctx, interval, func() bool { return CheckAttached(sr) == nil })
 }
 
+// collector is the SR's garbage collector with this call's edges: images,
+// and the datapath to pause VMs' tapdisks with.
+func (v *volumes) collector(fault func(string)) *gc.Collector {
+	c := &gc.Collector{Store: v.st, Images: v.d.Images, Log: v.log, SRLock: srLockPath(v.st), Fault: fault}
+	if v.d.Datapath != nil {
+		m := v.d.Datapath
+		c.Pause = func(ctx context.Context, paths ...string) (func(context.Context) error, int, error) {
+			return pauseAll(ctx, m, v.log, paths...)
+		}
+	}
+	return c
+}
+
 // CollectOnce runs the SR's garbage collector in this process until there
-// is nothing left to do (tests and operators). fault, when set, is called
-// after each journalled coalesce step.
-func CollectOnce(ctx context.Context, sr string, images image.Files, fault func(step string), log logrus.FieldLogger) error {
+// is nothing left to do (tests and operators), with d's images and
+// datapath. fault, when set, is called after each journalled step.
+func CollectOnce(ctx context.Context, sr string, d VolumeDeps, fault func(step string), log logrus.FieldLogger) error {
 	abs, err := filepath.Abs(sr)
 	if err != nil {
 		return err
 	}
-	return runGC(ctx, abs, 0, true, images, fault, log)
+	return runGC(ctx, abs, 0, true, d, fault, log)
 }

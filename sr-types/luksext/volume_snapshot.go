@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -31,6 +32,16 @@ type snapshotJournal struct {
 }
 
 func journalDir(st store.Store) string { return st.Path("journal") }
+
+// SnapshotSteps are the points of a snapshot or clone passed to
+// VolumeDeps.Fault, in order.
+var SnapshotSteps = []string{"journalled", "paused", "renamed", "created", "recorded", "unpaused"}
+
+func (v *volumes) fault(step string) {
+	if v.d.Fault != nil {
+		v.d.Fault(step)
+	}
+}
 
 // JournalPending reports whether a volume operation is unfinished; the GC
 // does nothing while one is (it would see a half-built tree).
@@ -84,10 +95,28 @@ func volumeSnapshot(ctx context.Context, d VolumeDeps, p smapi.VolumeParams, clo
 	if err := store.WriteJSON(jpath, j); err != nil {
 		return smapi.Volume{}, err
 	}
-	if err := v.finishSnapshot(ctx, j); err != nil {
+	v.fault("journalled")
+	// A running VM's leaf is renamed below: its tapdisk must be paused
+	// (live.go). If it cannot be, nothing was changed: drop the journal.
+	start := time.Now()
+	resume, err := v.pauseLeaf(ctx, a)
+	if err != nil {
+		return smapi.Volume{}, errors.Join(err, removeJournal(jpath))
+	}
+	pausedAt := time.Now()
+	v.fault("paused")
+	err = v.finishSnapshot(ctx, j)
+	if rerr := resume(ctx); err == nil {
+		err = rerr
+	}
+	paused := time.Since(pausedAt)
+	if err == nil {
+		v.fault("unpaused")
+	}
+	if err != nil {
 		return smapi.Volume{}, err
 	}
-	if err := os.Remove(jpath); err != nil {
+	if err := removeJournal(jpath); err != nil {
 		return smapi.Volume{}, err
 	}
 	s, err := v.st.Get(j.New)
@@ -98,7 +127,8 @@ func volumeSnapshot(ctx context.Context, d VolumeDeps, p smapi.VolumeParams, clo
 	if clone {
 		what = "clone"
 	}
-	v.log.WithFields(logrus.Fields{"vol": a.ID, "new": s.ID, "base": j.Base, "depth": depth + 1}).Info(what + " created")
+	v.log.WithFields(logrus.Fields{"vol": a.ID, "new": s.ID, "base": j.Base, "depth": depth + 1,
+		"paused_ms": paused.Milliseconds(), "total_ms": time.Since(start).Milliseconds()}).Info(what + " created")
 	return v.toVolume(s), nil
 }
 
@@ -131,6 +161,7 @@ func (v *volumes) finishSnapshot(ctx context.Context, j snapshotJournal) error {
 		if err := syncDirOf(basePath); err != nil {
 			return err
 		}
+		v.fault("renamed")
 	}
 	if err := v.st.Put(base); err != nil {
 		return err
@@ -151,29 +182,36 @@ func (v *volumes) finishSnapshot(ctx context.Context, j snapshotJournal) error {
 			}
 		}
 	}
+	v.fault("created")
 	// 3. records: the new VDI, then the VDI's leaf now under the base
 	if err := v.st.Put(newNode); err != nil {
 		return err
 	}
 	a.Parent = j.Base
-	return v.st.Put(a)
-}
-
-func snapshotVDI(src *store.VDI, clone bool) *store.VDI {
-	keys := map[string]string{}
-	for k, val := range src.Keys {
-		switch k {
-		// xapi writes these itself for the new VDI (smapiv3.md §5.4).
-		case "is_a_snapshot", "snapshot_of", "snapshot_time", "content_id":
-			continue
-		}
-		keys[k] = val
+	if err := v.st.Put(a); err != nil {
+		return err
 	}
-	return &store.VDI{Name: src.Name, Description: src.Description, ReadWrite: clone, Sharable: src.Sharable, Keys: keys}
+	v.fault("recorded")
+	return nil
 }
 
-// recover finishes journalled operations of crashed calls. Called with the
-// SR lock held exclusively.
+// snapshotVDI is the record of a new snapshot or clone of src. The SMAPIv3
+// IDL (xen-api ocaml/xapi-storage/generator/lib/control.ml, Volume.snapshot
+// and Volume.clone) copies only the name and description: the keys stored
+// with Volume.set belong to the source VDI. xapi-storage-script follows
+// clone-on-boot on attach, activate and destroy (ocaml/xapi-storage-script/
+// main.ml), so a copied clone-on-boot would serve a snapshot from the
+// original VM's transient disk; copied tags, vdi-type and _sm_config_* keys
+// are xapi's to set on the new VDI itself. Records written before this
+// rule keep their keys and work as they are.
+func snapshotVDI(src *store.VDI, clone bool) *store.VDI {
+	return &store.VDI{Name: src.Name, Description: src.Description, ReadWrite: clone, Sharable: src.Sharable, Keys: map[string]string{}}
+}
+
+// recover finishes journalled operations of crashed calls (snapshots,
+// clones, resizes), pausing the leaf's tapdisk again if it serves a VM: a
+// call killed between pause and unpause is finished, and unpaused, here.
+// Called with the SR lock held exclusively.
 func (v *volumes) recover(ctx context.Context) error {
 	entries, err := os.ReadDir(journalDir(v.st))
 	if errors.Is(err, os.ErrNotExist) {
@@ -184,26 +222,52 @@ func (v *volumes) recover(ctx context.Context) error {
 	}
 	for _, e := range entries {
 		name := e.Name()
-		if !strings.HasPrefix(name, "snapshot-") || !strings.HasSuffix(name, ".json") {
+		path := filepath.Join(journalDir(v.st), name)
+		switch journalKind(name) {
+		case "snapshot":
+			var j snapshotJournal
+			if err := store.ReadJSON(path, &j); err != nil {
+				return fmt.Errorf("reading journal %s: %w", path, err)
+			}
+			if err := j.validate(); err != nil {
+				return fmt.Errorf("snapshot journal %s: %w: %v", path, store.ErrCorrupt, err)
+			}
+			v.log.WithFields(logrus.Fields{"vol": j.VDI, "journal": name}).Warn("finishing a snapshot interrupted by a crash")
+			a, err := v.st.Get(j.VDI)
+			if err != nil {
+				return smapi.Errorf(smapi.KindNeedsAttention, "cannot finish the interrupted snapshot of volume %s (journal %s): %v", j.VDI, path, err)
+			}
+			resume, err := v.pauseLeaf(ctx, a)
+			if err != nil {
+				return err
+			}
+			err = v.finishSnapshot(ctx, j)
+			if rerr := resume(ctx); err == nil {
+				err = rerr
+			}
+			if err != nil {
+				return smapi.Errorf(smapi.KindNeedsAttention, "cannot finish the interrupted snapshot of volume %s (journal %s): %v", j.VDI, path, err)
+			}
+		case "resize":
+			var j resizeJournal
+			if err := store.ReadJSON(path, &j); err != nil {
+				return fmt.Errorf("reading journal %s: %w", path, err)
+			}
+			if !store.ValidID(j.VDI) || j.Size <= 0 {
+				return fmt.Errorf("resize journal %s: %w: vdi %q, size %d", path, store.ErrCorrupt, j.VDI, j.Size)
+			}
+			v.log.WithFields(logrus.Fields{"vol": j.VDI, "journal": name}).Warn("finishing a resize interrupted by a crash")
+			if err := v.finishResize(ctx, j); err != nil {
+				return fmt.Errorf("finishing the interrupted resize of volume %s (journal %s): %w", j.VDI, path, err)
+			}
+		default:
 			continue
 		}
-		path := filepath.Join(journalDir(v.st), name)
-		var j snapshotJournal
-		if err := store.ReadJSON(path, &j); err != nil {
-			return fmt.Errorf("reading journal %s: %w", path, err)
-		}
-		if err := j.validate(); err != nil {
-			return fmt.Errorf("snapshot journal %s: %w: %v", path, store.ErrCorrupt, err)
-		}
-		v.log.WithFields(logrus.Fields{"vol": j.VDI, "journal": name}).Warn("finishing a snapshot interrupted by a crash")
-		if err := v.finishSnapshot(ctx, j); err != nil {
-			return smapi.Errorf(smapi.KindNeedsAttention, "cannot finish the interrupted snapshot of volume %s (journal %s): %v", j.VDI, path, err)
-		}
-		if err := os.Remove(path); err != nil {
+		if err := removeJournal(path); err != nil {
 			return err
 		}
 	}
-	return nil
+	return v.recoverGC(ctx)
 }
 
 func syncDirOf(path string) error {

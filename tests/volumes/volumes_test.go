@@ -13,7 +13,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -24,9 +26,13 @@ import (
 
 	"github.com/luksext/luksext/plugins/image"
 	"github.com/luksext/luksext/plugins/run"
+	"github.com/luksext/luksext/plugins/run/runfake"
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/smapi/smapitest"
 	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/tapdisk"
+	"github.com/luksext/luksext/plugins/tapdisk/attachment"
+	"github.com/luksext/luksext/plugins/tapdisk/tapdiskfake"
 	"github.com/luksext/luksext/plugins/vhd"
 	"github.com/luksext/luksext/sr-types/luksext"
 	"github.com/luksext/luksext/sr-types/luksext/luksexttest"
@@ -46,16 +52,18 @@ func quietLog() *logrus.Logger {
 	return l
 }
 
-// TestMain doubles as the volume binary's GC mode (StartGC re-executes
-// this test binary with "gc <sr>") and as a GC that kills itself at a
-// chosen step.
+// TestMain doubles as a GC that kills itself at a chosen step (the
+// library, in process, with a fault hook). It never answers the volume
+// binary's own modes (`gc`, methods, operator command): tests that need
+// them exec the binary built from ./volume (volumeBinary), as StartGC and
+// xapi-storage-script do.
 func TestMain(m *testing.M) {
-	if len(os.Args) > 1 && os.Args[1] == luksext.GCCommand {
-		os.Exit(luksext.RunGC(os.Args[2:]))
+	if spec := os.Getenv(liveCrashEnv); spec != "" {
+		os.Exit(liveCrashHelper(spec))
 	}
 	if spec := os.Getenv(crashAt); spec != "" {
 		sr, step, _ := strings.Cut(spec, "|")
-		err := luksext.CollectOnce(context.Background(), sr, image.Files{}, func(s string) {
+		err := luksext.CollectOnce(context.Background(), sr, luksext.VolumeDeps{}, func(s string) {
 			if s == step {
 				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 			}
@@ -63,7 +71,45 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "GC was not killed; error:", err)
 		os.Exit(3)
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	if builtDir != "" {
+		os.RemoveAll(builtDir)
+	}
+	os.Exit(code)
+}
+
+var (
+	buildOnce sync.Once
+	builtDir  string
+	builtBin  string
+	buildErr  error
+)
+
+func repoRootDir() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
+}
+
+// volumeBinary builds ./volume once per test run (static, as `make build`
+// does) and returns its path.
+func volumeBinary(t *testing.T) string {
+	t.Helper()
+	goBin := testenv.Tools(t, "go")["go"]
+	buildOnce.Do(func() {
+		builtDir, buildErr = os.MkdirTemp("", "luksext-volume-bin-")
+		if buildErr != nil {
+			return
+		}
+		builtBin = filepath.Join(builtDir, "volume")
+		cmd := exec.Command(goBin, "build", "-trimpath", "-o", builtBin, "./volume")
+		cmd.Dir = repoRootDir()
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build ./volume: %w: %s", err, out)
+		}
+	})
+	require.NoError(t, buildErr)
+	return builtBin
 }
 
 type sr struct {
@@ -71,14 +117,30 @@ type sr struct {
 	dir   string
 	ctx   *smapitest.Ctx
 	model map[string][]byte // expected guest-visible content per volume
+	// the datapath: tapdisk modelled by tapdiskfake behind tap-ctl
+	blktap *tapdiskfake.Blktap
+	tapctl *runfake.Runner
+	dp     *attachment.Manager
+	// handles accepts dir as a mounted SR (luksexttest)
+	handles luksext.SRCheck
 }
 
 func newSR(t *testing.T) *sr {
 	fake := luksexttest.NewSR(t) // an SR directory listed as mounted from its mapping
-	dir := fake.Path
-	table := luksext.VolumeTable(luksext.Deps{Paths: run.DefaultPaths, Volumes: luksext.VolumeDeps{Images: image.Files{Runner: run.NewExec(quietLog())}, Handles: fake.Check()}})
+	s := &sr{t: t, dir: fake.Path, handles: fake.Check(), model: map[string][]byte{}}
+	s.tapctl = runfake.New()
+	s.blktap = tapdiskfake.New(s.tapctl)
+	s.dp = &attachment.Manager{Ctl: tapdisk.Ctl{Runner: s.tapctl}, Dir: filepath.Join(t.TempDir(), "datapath"), Log: quietLog()}
+	table := luksext.VolumeTable(luksext.Deps{Paths: run.DefaultPaths, Volumes: s.deps()})
 	inv := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify, Log: quietLog()}}
-	return &sr{t: t, dir: dir, ctx: &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: inv, Table: table}}, model: map[string][]byte{}}
+	s.ctx = &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: inv, Table: table}}
+	return s
+}
+
+// deps are the volume layer's edges: real images, the fake datapath.
+func (s *sr) deps() luksext.VolumeDeps {
+	return luksext.VolumeDeps{Images: image.Files{Runner: run.NewExec(quietLog())}, Datapath: s.dp,
+		InUse: s.dp.InUseUnder, Handles: s.handles}
 }
 
 func (s *sr) call(method string, out any, kv ...any) {
@@ -209,7 +271,7 @@ func buildTree(t *testing.T) (*sr, string, string) {
 func TestSnapshotCloneAndGCKeepEveryBlock(t *testing.T) {
 	s, a, c1 := buildTree(t)
 	require.Len(t, s.images(), 4, "base1, base2, A, C1")
-	require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, image.Files{}, nil, quietLog()))
+	require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
 	s.verify("after coalesce")
 	assert.Len(t, s.chain(a), 2, "base2 coalesced into base1")
 	assert.Len(t, s.chain(c1), 2)
@@ -217,7 +279,7 @@ func TestSnapshotCloneAndGCKeepEveryBlock(t *testing.T) {
 
 	s.destroy(c1)
 	s.destroy(a)
-	require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, image.Files{}, nil, quietLog()))
+	require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
 	assert.Empty(t, s.images(), "bases nothing uses are deleted")
 }
 
@@ -237,7 +299,7 @@ func TestGCKilledAtEachStepLosesNothing(t *testing.T) {
 			require.True(t, ws.Signaled() && ws.Signal() == syscall.SIGKILL, "the GC died by SIGKILL at %s (status %v)", step, ws)
 			s.verify("right after the kill")
 
-			require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, image.Files{}, nil, quietLog()))
+			require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
 			s.verify("after recovery")
 			assert.Len(t, s.chain(a), 2)
 			assert.Len(t, s.chain(c1), 2)
@@ -248,13 +310,37 @@ func TestGCKilledAtEachStepLosesNothing(t *testing.T) {
 	}
 }
 
-// StartGC runs the collector as a detached process that does the work on
-// its own; StopGC ends it.
+// StartGC (the path SR.attach takes) runs `volume gc <sr>` of the real
+// volume binary as a detached process, which, on its own, coalesces the
+// chain and removes an unused hidden base, an image file without a record
+// and a temporary image left by a crash; StopGC ends it.
 func TestStartAndStopGC(t *testing.T) {
+	bin := volumeBinary(t)
 	s, a, _ := buildTree(t)
-	require.NoError(t, luksext.StartGC(s.dir))
-	require.NoError(t, luksext.StartGC(s.dir), "idempotent")
-	require.Eventually(t, func() bool { return len(s.chain(a)) == 2 }, 60*time.Second, 100*time.Millisecond, "the background GC coalesced")
+	// an unused hidden base: a volume snapshotted, then both destroyed
+	x := s.create("X")
+	s.write(x, 0, 4096)
+	xs := s.snapshot("Volume.snapshot", x)
+	s.destroy(xs)
+	s.destroy(x)
+	// a crashed create's image and a crashed snapshot's temporary image,
+	// old enough for the GC to know no call is still writing them
+	orphan := filepath.Join(s.dir, store.NewID()+".vhd")
+	tmp := filepath.Join(s.dir, ".tmp-"+store.NewID()+".vhd")
+	for _, f := range []string{orphan, tmp} {
+		require.NoError(t, os.WriteFile(f, []byte("left by a crash"), 0o600))
+		old := time.Now().Add(-time.Hour)
+		require.NoError(t, os.Chtimes(f, old, old))
+	}
+	require.Len(t, s.images(), 4+2+1, "base1, base2, A, C1, X's base, the orphan, and the .tmp (hidden name)")
+
+	t.Setenv(luksext.GCIntervalEnv, "200ms") // product knob, inherited by the detached GC
+	require.NoError(t, luksext.StartGCFrom(bin, s.dir))
+	require.NoError(t, luksext.StartGCFrom(bin, s.dir), "idempotent")
+	gone := func(p string) bool { _, err := os.Stat(p); return os.IsNotExist(err) }
+	require.Eventually(t, func() bool {
+		return len(s.chain(a)) == 2 && gone(orphan) && gone(tmp) && len(s.images()) == 3
+	}, 60*time.Second, 100*time.Millisecond, "the background GC coalesced and collected (images now: %v)", s.images())
 	require.NoError(t, luksext.StopGC(s.dir, 10*time.Second))
 	require.NoError(t, luksext.StopGC(s.dir, 10*time.Second), "idempotent")
 	s.verify("after the background GC")

@@ -25,6 +25,7 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -75,6 +76,9 @@ type Record struct {
 	// tap-ctl list decides whether it actually happened.
 	OpenMode string             `json:"open_mode,omitempty"`
 	Domains  map[string]*Domain `json:"domains"`
+	// Paused is set before a volume operation pauses the tapdisk and
+	// cleared after it unpauses (pause.go).
+	Paused *PauseState `json:"paused,omitempty"`
 }
 
 func newRecord(img tapdisk.Image) *Record {
@@ -87,6 +91,12 @@ type Manager struct {
 	// Dir holds the records and lock files; DefaultDir when empty.
 	Dir string
 	Log logrus.FieldLogger
+	// PauseTimeout bounds tap-ctl pause (DefaultPauseTimeout when zero).
+	PauseTimeout time.Duration
+	// Recover, when set, finishes the volume operation that paused the
+	// tapdisk of the image at path and died before unpausing it (the
+	// volume layer's journals). Called without any datapath lock held.
+	Recover func(ctx context.Context, path string) error
 }
 
 func (m *Manager) dir() string {
@@ -113,15 +123,11 @@ func name(img tapdisk.Image) string {
 // Attach makes sure a tapdisk serves img's device and records domain as a
 // user. It returns the tapdev path. Repeating it is harmless.
 func (m *Manager) Attach(ctx context.Context, img tapdisk.Image, domain string) (string, error) {
-	v, err := m.lock(img, true)
+	v, rec, err := m.settle(ctx, img, true)
 	if err != nil {
 		return "", err
 	}
 	defer v.unlock()
-	rec, err := v.load()
-	if err != nil {
-		return "", err
-	}
 	if rec == nil {
 		rec = newRecord(img)
 	}
@@ -169,16 +175,12 @@ func (m *Manager) Attach(ctx context.Context, img tapdisk.Image, domain string) 
 // Activate opens the image in tapdisk (read-only when readOnly) if it is
 // not open yet, and marks domain active.
 func (m *Manager) Activate(ctx context.Context, img tapdisk.Image, domain string, readOnly bool) error {
-	v, err := m.lock(img, false)
+	v, rec, err := m.settle(ctx, img, false)
 	if err != nil {
 		return err
 	}
-	var rec *Record
 	if v != nil {
 		defer v.unlock()
-		if rec, err = v.load(); err != nil {
-			return err
-		}
 	}
 	if rec == nil || rec.Domains[domain] == nil {
 		return fmt.Errorf("%s for domain %q: call Datapath.attach first: %w", img.Path, domain, ErrNotAttached)
@@ -230,14 +232,13 @@ func (m *Manager) Activate(ctx context.Context, img tapdisk.Image, domain string
 // Deactivate marks domain inactive and closes the image once no domain is
 // active. Unknown volumes and domains are not an error.
 func (m *Manager) Deactivate(ctx context.Context, img tapdisk.Image, domain string) error {
-	v, err := m.lock(img, false)
+	v, rec, err := m.settle(ctx, img, false)
 	if err != nil || v == nil {
 		return err
 	}
 	defer v.unlock()
-	rec, err := v.load()
-	if err != nil || rec == nil {
-		return err
+	if rec == nil {
+		return nil
 	}
 	for _, d := range rec.match(domain) {
 		rec.Domains[d].Active = false
@@ -254,14 +255,13 @@ func (m *Manager) Deactivate(ctx context.Context, img tapdisk.Image, domain stri
 // tears the tapdisk down when it was the last one. It never fails because
 // something is already gone.
 func (m *Manager) Detach(ctx context.Context, img tapdisk.Image, domain string) error {
-	v, err := m.lock(img, false)
+	v, rec, err := m.settle(ctx, img, false)
 	if err != nil || v == nil {
 		return err
 	}
 	defer v.unlock()
-	rec, err := v.load()
-	if err != nil || rec == nil {
-		return err
+	if rec == nil {
+		return nil
 	}
 	for _, d := range rec.match(domain) {
 		delete(rec.Domains, d)

@@ -64,7 +64,7 @@ func TestLifecycleCommandLines(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "/dev/xen/blktap-2/tapdev0", dev)
 	require.NoError(t, f.m.Activate(ctx, f.img, "7", false))
-	assert.Equal(t, tapdiskfake.Minor{PID: 1001, Type: "vhd", Path: f.img.Path}, f.bt.Minors()[0])
+	assert.Equal(t, tapdiskfake.Minor{PID: 1001, Type: "vhd", Path: f.img.Path, Opens: 1}, f.bt.Minors()[0])
 	require.NoError(t, f.m.Deactivate(ctx, f.img, "7"))
 	require.NoError(t, f.m.Detach(ctx, f.img, "7"))
 	assert.Equal(t, []string{

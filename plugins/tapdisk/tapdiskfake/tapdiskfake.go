@@ -1,12 +1,14 @@
 // Package tapdiskfake is an in-memory model of blktap behind tap-ctl, for
 // unit tests through runfake: it keeps tapdisks and minors, enforces the
 // order real blktap enforces (attach needs an allocated minor, free needs
-// a detached one, ...), prints what tap-ctl prints when stdout is a pipe,
+// a detached one, a paused minor refuses everything but unpause, ...), prints what tap-ctl prints when stdout is a pipe,
 // and can simulate a crash of the caller right before or right after any
 // command. The out-of-process fake used in VMs is tests/fakes/tapctl.
 package tapdiskfake
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sort"
@@ -25,6 +27,16 @@ type Minor struct {
 	Type     string
 	Path     string // "": no image open
 	ReadOnly bool
+	// Paused: tap-ctl pause succeeded and no unpause yet. Like tapdisk,
+	// the image is closed (Path is what unpause will reopen) and every
+	// I/O or image operation but unpause is refused.
+	Paused bool
+	// Writes counts I/Os accepted, per path they went to (Write).
+	Writes map[string]int
+	// Opens counts the times the image was (re)opened by path: open and
+	// unpause. A model of the VM holding the file open reopens it by path
+	// when this changes (tapdisk's reopen on unpause).
+	Opens int
 }
 
 // Crash says when a command should report failure: Before (nothing done)
@@ -44,11 +56,93 @@ type Blktap struct {
 	tapdisks map[int]bool
 	minors   map[int]*Minor
 	crashes  []Crash
+	// hang: pids whose tapdisk never answers pause (a stuck tapdisk).
+	hang map[int]bool
+	// AfterCommand, when set, is called after every command that changed
+	// something (with the model's lock held: it may call State only).
+	AfterCommand func()
+}
+
+type state struct {
+	NextPID  int            `json:"next_pid"`
+	Tapdisks []int          `json:"tapdisks"`
+	Minors   map[int]*Minor `json:"minors"`
+	Hang     map[int]bool   `json:"hang"`
+}
+
+// State serialises the model, so that a test can hand it to another
+// process (which dies at a chosen point) and take it back.
+func (b *Blktap) State() []byte {
+	st := state{NextPID: b.nextPID, Tapdisks: b.pidsLocked(), Minors: b.minors, Hang: b.hang}
+	out, _ := json.Marshal(st)
+	return out
+}
+
+// LockedState is State for callers not holding the model's lock.
+func (b *Blktap) LockedState() []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.State()
+}
+
+// SetState replaces the model with one State returned.
+func (b *Blktap) SetState(data []byte) error {
+	var st state
+	if err := json.Unmarshal(data, &st); err != nil {
+		return err
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.nextPID, b.minors, b.hang = st.NextPID, st.Minors, st.Hang
+	if b.minors == nil {
+		b.minors = map[int]*Minor{}
+	}
+	if b.hang == nil {
+		b.hang = map[int]bool{}
+	}
+	b.tapdisks = map[int]bool{}
+	for _, p := range st.Tapdisks {
+		b.tapdisks[p] = true
+	}
+	return nil
+}
+
+// ErrPaused is returned by Write on a paused minor: tapdisk holds the
+// request until unpause (a VM sees it stall, not fail).
+var ErrPaused = errors.New("tapdisk is paused: request held")
+
+// HangPause makes the tapdisk pid never answer tap-ctl pause: the call
+// fails the way run.Exec reports a command killed at its timeout, and
+// the tapdisk stays unpaused.
+func (b *Blktap) HangPause(pid int, hang bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.hang[pid] = hang
+}
+
+// Write models one guest write through minor's tapdev: it reports the
+// image path it lands in (the path the tapdisk opened: a rename does not
+// redirect it, as tapdisk holds the file open), or ErrPaused.
+func (b *Blktap) Write(minor int) (string, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	m := b.minors[minor]
+	if m == nil || m.Path == "" {
+		return "", fmt.Errorf("minor %d has no image open", minor)
+	}
+	if m.Paused {
+		return "", ErrPaused
+	}
+	if m.Writes == nil {
+		m.Writes = map[string]int{}
+	}
+	m.Writes[m.Path]++
+	return m.Path, nil
 }
 
 // New returns an empty model, registered as tap-ctl on r.
 func New(r *runfake.Runner) *Blktap {
-	b := &Blktap{nextPID: 1000, tapdisks: map[int]bool{}, minors: map[int]*Minor{}}
+	b := &Blktap{nextPID: 1000, tapdisks: map[int]bool{}, minors: map[int]*Minor{}, hang: map[int]bool{}}
 	r.Handle(tapdisk.Tool, b.handle)
 	return b
 }
@@ -85,7 +179,14 @@ func (b *Blktap) Minors() map[int]Minor {
 	defer b.mu.Unlock()
 	out := map[int]Minor{}
 	for n, m := range b.minors {
-		out[n] = *m
+		c := *m
+		if m.Writes != nil {
+			c.Writes = map[string]int{}
+			for k, v := range m.Writes {
+				c.Writes[k] = v
+			}
+		}
+		out[n] = c
 	}
 	return out
 }
@@ -126,6 +227,9 @@ func (b *Blktap) handle(c runfake.Call) (run.Result, error) {
 		}
 	}
 	res, err := b.do(cmd, flags(c.Args[1:]), c)
+	if err == nil && cmd != "list" && b.AfterCommand != nil {
+		b.AfterCommand()
+	}
 	if after && err == nil {
 		return run.Result{}, fmt.Errorf("tap-ctl %s (done): %w", cmd, ErrCrash)
 	}
@@ -191,7 +295,33 @@ func (b *Blktap) do(cmd string, f map[string]string, c runfake.Call) (run.Result
 	if m == nil {
 		return run.Result{}, errno(19, "No such device", c)
 	}
+	if m.Paused && cmd != "unpause" && cmd != "pause" {
+		// tapdisk refuses to change a paused VBD until it is unpaused.
+		return run.Result{}, errno(16, "Device or resource busy", c)
+	}
 	switch cmd {
+	case "pause":
+		if m.PID != pid || m.Path == "" {
+			return run.Result{}, errno(22, "Invalid argument", c)
+		}
+		if b.hang[pid] {
+			return run.Result{}, &run.CommandError{Path: "/usr/sbin/tap-ctl", Args: c.Args, ExitCode: -1,
+				Err: fmt.Errorf("timed out: %w", context.DeadlineExceeded)}
+		}
+		m.Paused = true
+	case "unpause":
+		if m.PID != pid || !m.Paused {
+			return run.Result{}, errno(22, "Invalid argument", c)
+		}
+		if a, ok := f["-a"]; ok {
+			typ, path, ok := strings.Cut(a, ":")
+			if !ok {
+				return run.Result{}, errno(22, "Invalid argument", c)
+			}
+			m.Type, m.Path = typ, path
+		}
+		m.Paused = false
+		m.Opens++
 	case "attach":
 		if m.PID != 0 {
 			return run.Result{}, errno(16, "Device or resource busy", c)
@@ -210,6 +340,7 @@ func (b *Blktap) do(cmd string, f map[string]string, c runfake.Call) (run.Result
 		}
 		_, ro := f["-R"]
 		m.Type, m.Path, m.ReadOnly = typ, path, ro
+		m.Opens++
 	case "close":
 		if m.PID != pid || m.Path == "" {
 			return run.Result{}, errno(22, "Invalid argument", c)
@@ -253,7 +384,11 @@ func (b *Blktap) list() string {
 			lines = append(lines, fmt.Sprintf("pid=%d minor=%d state=0", m.PID, n))
 			seen[m.PID] = true
 		default:
-			lines = append(lines, fmt.Sprintf("pid=%d minor=%d state=0 args=%s:%s", m.PID, n, m.Type, m.Path))
+			state := 0
+			if m.Paused {
+				state = tapdisk.StatePaused
+			}
+			lines = append(lines, fmt.Sprintf("pid=%d minor=%d state=%#x args=%s:%s", m.PID, n, state, m.Type, m.Path))
 			seen[m.PID] = true
 		}
 	}
