@@ -173,7 +173,7 @@ func (g *guest) dom0SRStoryAfterReboot(t *testing.T, p dom0Profile, cfg map[stri
 		for _, v := range vols {
 			g.ok(t, "Volume.destroy", map[string]any{"dbg": "t", "sr": sr, "key": v.Key}, nil)
 		}
-		g.ok(t, "SR.detach", map[string]any{"dbg": "t", "sr": sr}, nil)
+		// SR.destroy takes the attached SR (xapi detaches after it).
 		g.ok(t, "SR.destroy", map[string]any{"dbg": "t", "sr": sr}, nil)
 		_, code := g.Run(t, "cryptsetup isLuks /dev/vda")
 		assert.NotEqual(t, 0, code, "destroy left no LUKS header")
