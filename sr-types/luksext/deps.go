@@ -12,6 +12,7 @@ import (
 	"github.com/luksext/luksext/plugins/image"
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/run"
+	"github.com/luksext/luksext/plugins/tapdisk"
 	"github.com/luksext/luksext/plugins/tapdisk/attachment"
 	"github.com/luksext/luksext/plugins/tpm"
 	"github.com/luksext/luksext/plugins/xapi"
@@ -42,6 +43,7 @@ func RealDeps(log logrus.FieldLogger) Deps {
 			GC:      processGC{},
 			InUse:   attached,
 		},
-		Volumes: VolumeDeps{Images: image.Files{Runner: runner}, InUse: attached},
+		Volumes: VolumeDeps{Images: image.Files{Runner: runner}, InUse: attached,
+			QCOW2: func() error { return tapdisk.SupportsDiskType(tapdisk.TapdiskPaths, "qcow2") }},
 	}
 }
