@@ -2,6 +2,7 @@ package luks
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -82,4 +83,55 @@ func TestRemoveLUKS1KeyslotReadByEveryCryptsetup(t *testing.T) {
 	require.NoError(t, m.RemoveKeyslot(ctx, img, 1))
 	slotState(t, img, "1")
 	require.NoError(t, m.TestKeyslot(ctx, img, keep, 0), "always a way in")
+}
+
+// TestLUKS1HeaderBackupKeepsBindings: with each cryptsetup generation,
+// luksHeaderBackup + CompleteHeaderBackup saves the clevis bindings
+// (luksmeta) with the keyslots, and luksHeaderRestore + RestoreHeaderRest
+// brings both back after an unbind.
+func TestLUKS1HeaderBackupKeepsBindings(t *testing.T) {
+	m := realManager(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	tools := map[string]string{"host": "cryptsetup"}
+	for _, v := range []string{"1.7.4", "2.0.3"} {
+		tools[v] = filepath.Join(testenv.Dom0Tree(t, "cryptsetup-"+v, dir), "sbin", "cryptsetup")
+	}
+	const jwe = "eyJhbGciOiJkaXIifQ..aXY.Y3Q.dGFn"
+	for v, cs := range tools {
+		t.Run(v, func(t *testing.T) {
+			pass, other := secret.FromString("kept passphrase"), secret.FromString("bound key")
+			img := formatted(t, m, 1, pass)
+			slot, err := m.AddKeyslot(ctx, img, pass, other, -1, MinimalKDF())
+			require.NoError(t, err)
+			require.NoError(t, m.Bind(ctx, img, slot, jwe))
+			backup := filepath.Join(t.TempDir(), "hdr")
+			sh(t, "", cs, "luksHeaderBackup", "--batch-mode", img, "--header-backup-file", backup)
+			plain, err := os.Stat(backup)
+			require.NoError(t, err)
+			require.NoError(t, m.CompleteHeaderBackup(img, backup))
+			info, err := m.Inspect(backup)
+			require.NoError(t, err, "the completed backup reads like the device (cryptsetup wrote %d bytes)", plain.Size())
+			require.Len(t, info.Bindings, 1)
+
+			require.NoError(t, m.Unbind(ctx, img, slot))
+			require.NoError(t, m.RemoveKeyslot(ctx, img, slot))
+			bs, err := m.Bindings(img)
+			require.NoError(t, err)
+			require.Empty(t, bs)
+
+			sh(t, "", cs, "luksHeaderRestore", "--batch-mode", img, "--header-backup-file", backup)
+			restored, err := m.RestoreHeaderRest(img, backup)
+			require.NoError(t, err)
+			assert.True(t, restored)
+			bs, err = m.Bindings(img)
+			require.NoError(t, err)
+			require.Len(t, bs, 1, "the binding came back with its keyslot")
+			assert.Equal(t, slot, bs[0].Keyslot)
+			assert.Equal(t, jwe, bs[0].JWE)
+			require.NoError(t, m.TestKeyslot(ctx, img, other, slot))
+			dump := sh(t, "", cs, "luksDump", img)
+			assert.Contains(t, dump, fmt.Sprintf("Key Slot %d: ENABLED", slot), v)
+		})
+	}
 }
