@@ -23,6 +23,7 @@ import (
 	"archive/zip"
 	"bytes"
 	"fmt"
+	"hash/crc32"
 	"os"
 )
 
@@ -77,9 +78,13 @@ func appendZip(path string) error {
 	// Offsets relative to the start of the file (as `zip -A` makes them):
 	// every zip reader finds the members without guessing.
 	w.SetOffset(int64(len(b)))
-	h := &zip.FileHeader{Name: "__main__.py", Method: zip.Deflate}
+	// Stored, with sizes and CRC in the local header (no data descriptor):
+	// the plainest member any zip reader accepts (CPython 3.6's C
+	// zipimport on dom0 included), and no zlib needed to read it.
+	h := &zip.FileHeader{Name: "__main__.py", Method: zip.Store,
+		CRC32: crc32.ChecksumIEEE([]byte(mainPy)), CompressedSize64: uint64(len(mainPy)), UncompressedSize64: uint64(len(mainPy))}
 	h.SetMode(0o644)
-	fw, err := w.CreateHeader(h)
+	fw, err := w.CreateRaw(h)
 	if err != nil {
 		return err
 	}
