@@ -3,7 +3,6 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -281,8 +280,12 @@ pid=$!; %s; kill -9 $pid 2>/dev/null && echo killed || echo finished; wait $pid 
 		require.True(t, opens(t, recoveryKey), "back to the original recovery passphrase")
 	})
 	t.Run("header backup restore", func(t *testing.T) {
-		backup := filepath.Join(g.work, "header.bak")
-		_ = os.Remove(backup)
+		// On the guest's own filesystem, as an administrator keeps it:
+		// cryptsetup 2.0.3's luksHeaderRestore fails to open a backup file
+		// on the 9p work share (with and without direct-io; 1.7.4 and
+		// 2.6.1 read it there), which says nothing about a host.
+		backup := "/root/header.bak"
+		g.MustRun(t, "rm -f "+backup)
 		mustExit(t, 0, "", "header-backup", adminSR, backup)
 		before := slotsOf(t, "binding", "tpm2")
 		require.Len(t, before, 2)
