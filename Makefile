@@ -21,6 +21,8 @@ export PATH := /usr/local/go/bin:$(PATH)
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/volume ./volume
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/datapath ./datapath
+	@# A __main__.py zip appended: xapi's observer.py wrapper runpy-runs the method files.
+	$(GO) run ./packaging/runpyzip $(BIN)/volume $(BIN)/datapath
 
 install: build
 	packaging/install-layout.sh '$(DESTDIR)' $(BIN)

@@ -39,6 +39,11 @@ func New(r run.Runner) *FS { return &FS{Run: r, MountInfo: "/proc/self/mountinfo
 // just created, never a user's disk (the disk was checked for signatures
 // before LUKS went on it).
 func (f *FS) Mkfs(ctx context.Context, dev string) error {
+	// The features come from the host's /etc/mke2fs.conf. XCP-ng 8.3 ships
+	// e2fsprogs 1.47.0 with upstream's file: ext4 gets metadata_csum_seed
+	// (INCOMPAT, kernels >= 4.4) and orphan_file (COMPAT: older kernels
+	// ignore it), both fine for dom0's kernel 4.19; tests/e2e
+	// TestDom0Matrix checks an SR made with that file.
 	_, err := f.Run.Run(ctx, run.Cmd{Tool: "mkfs.ext4", Args: []string{"-F", "-q", dev}, Timeout: 30 * time.Minute})
 	if err != nil {
 		return fmt.Errorf("creating the ext4 filesystem on %s: %w", dev, err)

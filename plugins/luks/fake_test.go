@@ -232,3 +232,23 @@ func TestCanaryPassphraseNeverInArgvOrErrors(t *testing.T) {
 		assert.NotContains(t, logs.String(), f)
 	}
 }
+
+func TestUnsupportedCryptsetupRefusedBeforeAnyChange(t *testing.T) {
+	img := fakeLUKS(t, 2)
+	for _, v := range []string{"1.6.8", "3.0.0"} {
+		m, r := fakeManager(t, v, ok)
+		_, err := m.AddKeyslot(context.Background(), img, secret.FromString("a"), secret.FromString("b"), -1, MinimalKDF())
+		require.ErrorIs(t, err, ErrUnsupportedCryptsetup, v)
+		assert.ErrorIs(t, err, run.ErrToolMissing, "reaches xe as Tool_missing")
+		assert.Contains(t, err.Error(), "cryptsetup "+v)
+		require.ErrorIs(t, m.RemoveKeyslot(context.Background(), img, 0), ErrUnsupportedCryptsetup, v)
+		for _, c := range r.Calls() {
+			assert.Equal(t, "cryptsetup --version", c.Line(), "only the version was asked")
+		}
+	}
+	for _, v := range []string{"1.7.4", "2.0.3", "2.6.1", "2.7.5"} {
+		m, _ := fakeManager(t, v, ok)
+		_, err := m.Capabilities(context.Background())
+		assert.NoError(t, err, v)
+	}
+}

@@ -80,7 +80,8 @@ func (m *Manager) AddKeyslot(ctx context.Context, dev string, existing, newPass 
 
 // RemoveKeyslot destroys keyslot slot. Removing an unused slot succeeds
 // (convergent). It does not ask for a passphrase: whoever may run the
-// plugin may already erase the whole device.
+// plugin may already erase the whole device. LUKS1 slots are destroyed in
+// Go (killslot.go), LUKS2 slots with `cryptsetup luksKillSlot`.
 func (m *Manager) RemoveKeyslot(ctx context.Context, dev string, slot int) error {
 	h, err := readHeader(dev)
 	if err != nil {
@@ -89,7 +90,27 @@ func (m *Manager) RemoveKeyslot(ctx context.Context, dev string, slot int) error
 	if !h.hasKeyslot(slot) {
 		return nil
 	}
-	m.log.WithFields(logrus.Fields{"dev": dev, "keyslot": slot}).Info("removing keyslot")
+	log := m.log.WithFields(logrus.Fields{"dev": dev, "keyslot": slot, "luks_version": h.version})
+	if h.version == 1 {
+		// Not luksKillSlot: cryptsetup 1.7.x (dom0's) asks for another
+		// passphrase there whenever stdin is not a tty (killslot.go).
+		log.Info("removing keyslot (LUKS1, in Go as libcryptsetup does)")
+		if err := killLUKS1Slot(dev, slot); err != nil {
+			return fmt.Errorf("removing keyslot %d from %s: %w", slot, dev, err)
+		}
+		return nil
+	}
+	// Refuse an unsupported cryptsetup before touching the header.
+	caps, err := m.Capabilities(ctx)
+	if err != nil {
+		return err
+	}
+	if !caps.LUKS2 {
+		return fmt.Errorf("%s is LUKS2 but this host's cryptsetup %s only knows LUKS1: %w", dev, caps, ErrNotSupported)
+	}
+	log.Info("removing keyslot")
+	// cryptsetup >= 2.0.0 destroys a keyslot in batch mode without asking
+	// for another passphrase (checked with 2.0.3 and 2.6.1).
 	if _, err := m.cryptsetup(ctx, dev, run.Cmd{Args: []string{"luksKillSlot", "--batch-mode", dev, strconv.Itoa(slot)}}); err != nil {
 		return fmt.Errorf("removing keyslot %d from %s: %w", slot, dev, err)
 	}

@@ -85,6 +85,33 @@ func (c Capabilities) atLeast(a, b, p int) bool {
 	return v[2] >= p
 }
 
+// The cryptsetup versions this package is tested with: 1.7.4 (CentOS 7.5,
+// XCP-ng 8.3's dom0), 2.0.3 (CentOS 7.6-7.9) and Debian 12's 2.6.1, each
+// in the VM tier (tests/e2e dom0 matrix). Anything before 1.7 is untested
+// (and predates XCP-ng 8's CentOS 7.5 base), and a 3.x may change the CLI
+// contract; both are refused before anything is changed. A 2.x after 2.6
+// keeps the 2.x CLI we use (cryptsetup's release notes only add options
+// within 2.x), so it is accepted.
+var (
+	minCryptsetup = [3]int{1, 7, 0}
+	maxMajor      = 2
+)
+
+// ErrUnsupportedCryptsetup: the installed cryptsetup is older or newer
+// than the versions luksext supports. It wraps run.ErrToolMissing, so an
+// SMAPIv3 caller gets Tool_missing with the version in the message.
+var ErrUnsupportedCryptsetup = fmt.Errorf("this cryptsetup version is not supported: %w", run.ErrToolMissing)
+
+func (c Capabilities) supported() error {
+	if !c.atLeast(minCryptsetup[0], minCryptsetup[1], minCryptsetup[2]) {
+		return fmt.Errorf("cryptsetup %s is older than 1.7.0, the oldest luksext works with (XCP-ng 8.3 has 1.7.4); nothing was changed: %w", c, ErrUnsupportedCryptsetup)
+	}
+	if c.Version[0] > maxMajor {
+		return fmt.Errorf("cryptsetup %s is newer than any luksext was tested with (1.7.4, 2.0.3, 2.6.1); nothing was changed: %w", c, ErrUnsupportedCryptsetup)
+	}
+	return nil
+}
+
 // String is the version as cryptsetup prints it.
 func (c Capabilities) String() string {
 	return fmt.Sprintf("%d.%d.%d", c.Version[0], c.Version[1], c.Version[2])
@@ -135,6 +162,9 @@ func (m *Manager) Capabilities(ctx context.Context) (Capabilities, error) {
 	}
 	c, err := CapabilitiesFor(fields[1])
 	if err != nil {
+		return Capabilities{}, err
+	}
+	if err := c.supported(); err != nil {
 		return Capabilities{}, err
 	}
 	m.log.WithField("cryptsetup_version", c.String()).Debug("detected cryptsetup")

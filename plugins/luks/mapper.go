@@ -31,6 +31,9 @@ func (m *Manager) IsOpen(name string) bool {
 //
 // Only `cryptsetup open --type luks --key-file=- [--key-slot N]` is used:
 // it works the same from cryptsetup 1.6 to 2.x, for LUKS1 and LUKS2.
+// dom0 runs kernel 4.19, so no dm-crypt flag newer than that is asked for
+// (--perf-no_read_workqueue and --perf-no_write_workqueue need 5.9); the
+// mapping is plain aes-xts-plain64 with 512-byte sectors (format.go).
 func (m *Manager) Open(ctx context.Context, dev, name string, pass secret.Bytes, slot int) error {
 	log := m.log.WithFields(logrus.Fields{"dev": dev, "dm_name": name, "keyslot": slot})
 	if m.IsOpen(name) {
@@ -74,7 +77,8 @@ func (m *Manager) Close(ctx context.Context, name string) error {
 
 // FindByUUID returns the device holding the LUKS header with this UUID,
 // through udev's /dev/disk/by-uuid link (device names like /dev/sdb can
-// change across reboots; the UUID cannot).
+// change across reboots; the UUID cannot). udev's 60-persistent-storage
+// rules made that link for crypto_LUKS long before systemd 219, dom0's.
 func (m *Manager) FindByUUID(uuid string) (string, error) {
 	link := filepath.Join(m.DevDir, "disk", "by-uuid", uuid)
 	dev, err := filepath.EvalSymlinks(link)

@@ -83,6 +83,14 @@ var DefaultPaths = Paths{
 
 var searchDirs = []string{"/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/sbin", "/usr/local/bin"}
 
+// toolDirs are further places one tool is known to live in, tried after
+// searchDirs. XCP-ng 8.3's qemu (4.2.1) installs its binaries, qemu-img
+// included, in /usr/lib64/xen/bin, which is not on PATH (the qemu package
+// of xcp-ng-rpms; /usr/lib/xen/bin is where upstream Xen builds put it).
+var toolDirs = map[string][]string{
+	"qemu-img": {"/usr/lib64/xen/bin", "/usr/lib/xen/bin"},
+}
+
 // ErrToolMissing is wrapped by errors about tools that are not installed.
 var ErrToolMissing = errors.New("required tool is not installed")
 
@@ -97,12 +105,16 @@ func (p Paths) Resolve(tool string) (string, error) {
 	if path, ok := p[tool]; ok && isExecutable(path) {
 		return path, nil
 	}
-	for _, d := range searchDirs {
+	for _, d := range append(append([]string(nil), searchDirs...), toolDirs[tool]...) {
 		if path := d + "/" + tool; isExecutable(path) {
 			return path, nil
 		}
 	}
-	return "", fmt.Errorf("%s (looked for %s): %w", tool, p[tool], ErrToolMissing)
+	looked := p[tool]
+	if extra := toolDirs[tool]; len(extra) > 0 {
+		looked = strings.TrimPrefix(looked+", "+strings.Join(extra, "/"+tool+", ")+"/"+tool, ", ")
+	}
+	return "", fmt.Errorf("%s (looked for %s): %w", tool, looked, ErrToolMissing)
 }
 
 func isExecutable(path string) bool {

@@ -3,6 +3,8 @@ package run
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -47,4 +49,20 @@ func TestResolve_MissingToolIsNamed(t *testing.T) {
 	require.Error(t, err)
 	assert.True(t, errors.Is(err, ErrToolMissing))
 	assert.Contains(t, err.Error(), "frobnicate")
+}
+
+func TestResolve_ToolOutsidePathFoundInItsOwnDir(t *testing.T) {
+	// As qemu-img on XCP-ng 8.3: only in /usr/lib64/xen/bin.
+	assert.Equal(t, []string{"/usr/lib64/xen/bin", "/usr/lib/xen/bin"}, toolDirs["qemu-img"])
+	dir := t.TempDir()
+	saved := toolDirs
+	t.Cleanup(func() { toolDirs = saved })
+	toolDirs = map[string][]string{"luksext-dom0-only-tool": {dir}}
+	_, err := Paths{}.Resolve("luksext-dom0-only-tool")
+	require.ErrorIs(t, err, ErrToolMissing)
+	assert.Contains(t, err.Error(), dir+"/luksext-dom0-only-tool", "the error says where it looked")
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "luksext-dom0-only-tool"), []byte("#!/bin/sh\n"), 0o755))
+	got, err := Paths{}.Resolve("luksext-dom0-only-tool")
+	require.NoError(t, err)
+	assert.Equal(t, filepath.Join(dir, "luksext-dom0-only-tool"), got)
 }

@@ -46,6 +46,10 @@ func (a *admin) headerBackup(ctx context.Context) (report, error) {
 	if _, err := a.Run.Run(ctx, run.Cmd{Tool: "cryptsetup", Args: []string{"luksHeaderBackup", "--batch-mode", t.Dev, "--header-backup-file", file}}); err != nil {
 		return nil, fmt.Errorf("cryptsetup luksHeaderBackup of %s: %w", t.Dev, err)
 	}
+	// LUKS1: cryptsetup's backup stops where luksmeta (the bindings) starts.
+	if err := a.LUKS.CompleteHeaderBackup(t.Dev, file); err != nil {
+		return nil, fmt.Errorf("adding the LUKS1 bindings (luksmeta) to %s: %w", file, err)
+	}
 	if err := os.Chmod(file, 0o400); err != nil {
 		return nil, fmt.Errorf("restricting %s to root: %w", file, err)
 	}
@@ -99,6 +103,11 @@ func (a *admin) headerRestore(ctx context.Context) (report, error) {
 	}
 	if _, err := a.Run.Run(ctx, run.Cmd{Tool: "cryptsetup", Args: []string{"luksHeaderRestore", "--batch-mode", t.Dev, "--header-backup-file", file}}); err != nil {
 		return nil, fmt.Errorf("cryptsetup luksHeaderRestore of %s: %w", t.Dev, err)
+	}
+	// LUKS1: cryptsetup restores the keyslots only; the bindings (luksmeta)
+	// that go with them follow from the rest of the backup.
+	if _, err := a.LUKS.RestoreHeaderRest(t.Dev, file); err != nil {
+		return nil, fmt.Errorf("restoring the LUKS1 bindings (luksmeta) of %s from %s: %w", t.Dev, file, err)
 	}
 	// A journal describes keyslots of the header just replaced; settling
 	// it against the restored one could remove a keyslot that works.

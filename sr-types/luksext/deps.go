@@ -44,6 +44,7 @@ func RealDeps(log logrus.FieldLogger) Deps {
 			InUse:   attached,
 		},
 		Volumes: VolumeDeps{Images: image.Files{Runner: runner}, InUse: attached,
-			Datapath: &attachment.Manager{Ctl: tapdisk.Ctl{Runner: runner}, Log: log}},
+			Datapath: &attachment.Manager{Ctl: tapdisk.Ctl{Runner: runner}, Log: log},
+			QCOW2:    func() error { return tapdisk.SupportsDiskType(tapdisk.TapdiskPaths, "qcow2") }},
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/luksext/luksext/plugins/lock"
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/tapdisk"
 	"github.com/luksext/luksext/plugins/tapdisk/attachment"
 )
 
@@ -39,6 +40,9 @@ type VolumeDeps struct {
 	// clone (SnapshotSteps); a test kills the process there to prove
 	// that the next call converges.
 	Fault func(step string)
+	// QCOW2 says whether this host's tapdisk can open qcow2 images
+	// (tapdisk.SupportsDiskType); nil skips the check.
+	QCOW2 func() error
 }
 
 // MaxChainDepth is the longest image chain a snapshot may create (SMAPIv1
@@ -274,6 +278,9 @@ func volumeCreate(ctx context.Context, d VolumeDeps, p smapi.VolumeCreateParams)
 	if err != nil {
 		return smapi.Volume{}, err
 	}
+	if err := checkFormatServed(d, format, p.Size); err != nil {
+		return smapi.Volume{}, err
+	}
 	l, err := v.exclusive(ctx)
 	if err != nil {
 		return smapi.Volume{}, err
@@ -391,4 +398,24 @@ func volumeResize(ctx context.Context, d VolumeDeps, p smapi.VolumeResizeParams)
 		return err
 	}
 	return removeJournal(jpath)
+}
+
+// checkFormatServed refuses, before anything is written, a qcow2 volume a
+// VM on this host could never use: upstream blktap 3.55.5 has no qcow2
+// tapdisk driver, only XCP-ng's qcow2 builds do, and without the check the
+// failure would surface only when a VM using the disk starts. A host with
+// no tapdisk at all (no VM can start here anyway) is not refused.
+func checkFormatServed(d VolumeDeps, format string, requested int64) error {
+	if format != store.FormatQCOW2 || d.QCOW2 == nil {
+		return nil
+	}
+	err := d.QCOW2()
+	if err == nil || errors.Is(err, tapdisk.ErrNoTapdisk) {
+		return nil
+	}
+	if errors.Is(err, tapdisk.ErrDiskTypeUnsupported) {
+		return smapi.Errorf(smapi.KindInvalidParameters,
+			"a volume of %d bytes needs the qcow2 format (VHD stops at 2040 GiB), and this host's tapdisk cannot open qcow2 images (%v); create volumes of at most 2040 GiB, or install XCP-ng's qcow2-enabled blktap", requested, err)
+	}
+	return fmt.Errorf("checking whether tapdisk can open qcow2 images: %w", err)
 }

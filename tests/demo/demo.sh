@@ -9,7 +9,7 @@ set -euo pipefail
 W=$PWD
 V=$W/root/usr/libexec/xapi-storage-script/volume/org.xen.xapi.storage.luksext
 ADMIN=$W/root/usr/sbin/luksext
-DISK=/dev/vda
+DISK=${DISK:-/dev/vda}
 SR=$(cat /proc/sys/kernel/random/uuid)
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }

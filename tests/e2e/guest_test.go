@@ -62,8 +62,16 @@ func bootGuest(t *testing.T, cfg vm.Config) *guest {
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	out, err = build.CombinedOutput()
 	require.NoError(t, err, "building fakexapi: %s", out)
-	return &guest{Machine: m, work: work,
+	g := &guest{Machine: m, work: work,
 		volume: filepath.Join(work, "root/usr/libexec/xapi-storage-script/volume", luksext.VolumePluginDir)}
+	// Until a dom0 profile replaces them (dom0_test.go), the guest runs
+	// this machine's (Debian's) tools: say which, and check it.
+	hostVer, err := exec.Command("cryptsetup", "--version").Output()
+	require.NoError(t, err)
+	guestVer := g.MustRun(t, "cryptsetup --version; blkid -V; mount -V")
+	t.Logf("guest tools (Debian profile):\n%s", guestVer)
+	require.True(t, strings.HasPrefix(guestVer, string(hostVer)), "the guest runs the host's cryptsetup: %q vs %q", guestVer, hostVer)
+	return g
 }
 
 // startXAPI runs the fake xapi in the guest with the given secrets, fed on
