@@ -15,6 +15,7 @@ import (
 	"github.com/luksext/luksext/plugins/smapi/smapitest"
 	"github.com/luksext/luksext/plugins/tapdisk"
 	"github.com/luksext/luksext/sr-types/luksext"
+	"github.com/luksext/luksext/sr-types/luksext/luksexttest"
 	"github.com/luksext/luksext/tests/testenv"
 )
 
@@ -31,13 +32,15 @@ func TestVolumeCreateRefusesQCOW2WithoutTapdiskDriver(t *testing.T) {
 	paths := []string{upstream}
 	log := logrus.New()
 	log.SetLevel(logrus.WarnLevel)
+	r := luksexttest.NewRoot(t)
 	table := luksext.VolumeTable(luksext.Deps{Paths: run.DefaultPaths, Volumes: luksext.VolumeDeps{
-		Images: image.Files{Runner: run.NewExec(log)},
-		QCOW2:  func() error { return tapdisk.SupportsDiskType(paths, "qcow2") },
+		Images:  image.Files{Runner: run.NewExec(log)},
+		Handles: r.Check,
+		QCOW2:   func() error { return tapdisk.SupportsDiskType(paths, "qcow2") },
 	}})
 	x := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify}}
 	ctx := &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: x, Table: table}}
-	sr := testSR(t)
+	sr := testSR(t, r)
 	params := func(size int64) map[string]any {
 		return map[string]any{"dbg": "t", "sr": sr, "name": "big", "description": "", "size": size, "sharable": false}
 	}
