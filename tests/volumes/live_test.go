@@ -246,6 +246,7 @@ const liveCrashEnv = "VOLUMES_TEST_LIVE_CRASH"
 
 type liveCrash struct {
 	SR, State, DPDir, Method, Key, Step string
+	Handles                             luksext.SRCheck // the parent's test mount root
 }
 
 func liveCrashHelper(spec string) int {
@@ -280,7 +281,7 @@ func liveCrashHelper(spec string) int {
 	}
 	d := luksext.VolumeDeps{Images: image.Files{Runner: run.NewExec(quietLog())},
 		Datapath: &attachment.Manager{Ctl: tapdisk.Ctl{Runner: r}, Dir: c.DPDir, Log: quietLog()},
-		Fault:    fault}
+		Fault:    fault, Handles: c.Handles}
 	if c.Method == "gc" {
 		err := luksext.CollectOnce(context.Background(), c.SR, d, fault, quietLog())
 		fmt.Fprintln(os.Stderr, "not killed:", err)
@@ -349,7 +350,7 @@ func (s *sr) crash(m *vm, method, key, step string) {
 	t.Helper()
 	stateFile := filepath.Join(t.TempDir(), "blktap.json")
 	require.NoError(t, os.WriteFile(stateFile, s.blktap.LockedState(), 0o600))
-	spec, _ := json.Marshal(liveCrash{SR: s.dir, State: stateFile, DPDir: s.dp.Dir, Method: method, Key: key, Step: step})
+	spec, _ := json.Marshal(liveCrash{SR: s.dir, State: stateFile, DPDir: s.dp.Dir, Method: method, Key: key, Step: step, Handles: s.handles})
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), liveCrashEnv+"="+string(spec))
 	out, err := cmd.CombinedOutput()
