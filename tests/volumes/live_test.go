@@ -418,3 +418,52 @@ func TestLiveGCKilledAtEachStepConverges(t *testing.T) {
 		})
 	}
 }
+
+// Any number of snapshot + destroy cycles (a nightly backup's life),
+// with the GC running only at the end: the chain is back to one image for
+// a disk whose VM runs (small leaf: leaf-coalesced with the VM paused)
+// and for one no VM uses, and at most two when the running VM's leaf is
+// too large to coalesce while it is paused.
+func TestSnapshotDeleteCyclesLeaveShortChains(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		running  bool
+		leafMax  int64
+		maxChain int
+	}{
+		{"running VM", true, 0, 1},
+		{"no VM", false, 0, 1},
+		{"running VM, leaf too large to coalesce live", true, 4096, 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			s := newSR(t)
+			a := s.create("A")
+			var m *vm
+			write := func(round int) { s.write(a, int64(round%8)*mib+512*int64(round), 512) }
+			if c.running {
+				m = s.start(a)
+				write = m.write
+			}
+			for i := 0; i < 6; i++ {
+				write(i)
+				snap := s.snapshot("Volume.snapshot", a)
+				write(100 + i)
+				s.destroy(snap)
+			}
+			require.Len(t, s.chain(a), 7)
+			if c.leafMax > 0 {
+				t.Setenv(luksext.GCLiveLeafMaxEnv, fmt.Sprint(c.leafMax)) // product knob
+			}
+			require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
+			assert.Len(t, s.chain(a), c.maxChain)
+			assert.Len(t, s.images(), c.maxChain)
+			if m != nil {
+				m.requirePaused(false)
+				m.write(200)
+				s.checkDisk("the VM's disk", a, m.shadow)
+			} else {
+				s.checkDisk("the disk", a, s.model[a])
+			}
+		})
+	}
+}
