@@ -400,8 +400,12 @@ func (c *Collector) runCoalesce(ctx context.Context, j journal) error {
 		if nerr != nil || perr != nil {
 			return fmt.Errorf("coalesce journal names %s into %s, which cannot be read (%v, %v): %w", j.Node, j.Parent, nerr, perr, store.ErrCorrupt)
 		}
-		// No SR lock: n and p are hidden internal nodes nobody writes, and
-		// readers of chains through n see the same data before and after.
+		// No SR lock and no pause: n and p are hidden internal nodes nobody
+		// writes, and readers of chains through n (tapdisks included, which
+		// read p through their own cached BAT) see the same data before and
+		// after, since n still shadows every block copied. SMAPIv1's
+		// cleanup.py coalesces non-leaf nodes live the same way and pauses
+		// only to re-link the children, as the next step does.
 		if err := c.Images.Coalesce(ctx, c.Store.ImagePath(n), c.Store.ImagePath(p)); err != nil {
 			return fmt.Errorf("coalescing %s into %s: %w", n.ID, p.ID, err)
 		}

@@ -125,7 +125,31 @@ func readPID(path string) int {
 // e.g. GC_INTERVAL=5m. Durations in Go syntax (15s, 2m).
 const (
 	GCIntervalEnv = "LUKSEXT_GC_INTERVAL" // time between passes (default 15s)
+	// GCLiveLeafMaxEnv: bytes of data a running VM's leaf may hold to be
+	// coalesced into its parent while the VM is paused (gc.DefaultLiveLeafMax).
+	GCLiveLeafMaxEnv = "LUKSEXT_GC_LIVE_LEAF_MAX"
 )
+
+// gcKnob reads a knob from the environment, then the sysconfig file.
+func gcKnob(env string) string {
+	if v := os.Getenv(env); v != "" {
+		return v
+	}
+	return sysconfigValue(strings.TrimPrefix(env, "LUKSEXT_"))
+}
+
+func gcLiveLeafMax(log logrus.FieldLogger) int64 {
+	v := gcKnob(GCLiveLeafMaxEnv)
+	if v == "" {
+		return 0
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n <= 0 {
+		log.WithField("value", v).Warn("ignoring a bad GC_LIVE_LEAF_MAX (want a number of bytes)")
+		return 0
+	}
+	return n
+}
 
 // DefaultGCInterval is the time between two passes of the collector.
 const DefaultGCInterval = 15 * time.Second
@@ -133,10 +157,7 @@ const DefaultGCInterval = 15 * time.Second
 // gcInterval reads the configured interval; a bad value is logged and
 // ignored rather than stopping the collector.
 func gcInterval(log logrus.FieldLogger) time.Duration {
-	v := os.Getenv(GCIntervalEnv)
-	if v == "" {
-		v = sysconfigValue(strings.TrimPrefix(GCIntervalEnv, "LUKSEXT_"))
-	}
+	v := gcKnob(GCIntervalEnv)
 	if v == "" {
 		return DefaultGCInterval
 	}
@@ -213,6 +234,7 @@ func runGC(ctx context.Context, sr string, interval time.Duration, once bool, d 
 	}
 	v := &volumes{d: d, st: st, log: log}
 	c := v.collector(fault)
+	c.LiveLeafMax = gcLiveLeafMax(log)
 	// Volume operations a crashed call left journalled may hold a VM
 	// paused: the GC finishes them on its next pass.
 	c.RecoverVolumes = func(ctx context.Context) error {

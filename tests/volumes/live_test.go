@@ -419,3 +419,89 @@ func TestLiveGCKilledAtEachStepConverges(t *testing.T) {
 		})
 	}
 }
+
+// Any number of snapshot + destroy cycles (a nightly backup's life),
+// with the GC running only at the end: the chain is back to one image for
+// a disk whose VM runs (small leaf: leaf-coalesced with the VM paused)
+// and for one no VM uses, and at most two when the running VM's leaf is
+// too large to coalesce while it is paused.
+func TestSnapshotDeleteCyclesLeaveShortChains(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		running  bool
+		leafMax  int64
+		maxChain int
+	}{
+		{"running VM", true, 0, 1},
+		{"no VM", false, 0, 1},
+		{"running VM, leaf too large to coalesce live", true, 4096, 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			s := newSR(t)
+			a := s.create("A")
+			var m *vm
+			write := func(round int) { s.write(a, int64(round%8)*mib+512*int64(round), 512) }
+			if c.running {
+				m = s.start(a)
+				write = m.write
+			}
+			for i := 0; i < 6; i++ {
+				write(i)
+				snap := s.snapshot("Volume.snapshot", a)
+				write(100 + i)
+				s.destroy(snap)
+			}
+			require.Len(t, s.chain(a), 7)
+			if c.leafMax > 0 {
+				t.Setenv(luksext.GCLiveLeafMaxEnv, fmt.Sprint(c.leafMax)) // product knob
+			}
+			require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
+			assert.Len(t, s.chain(a), c.maxChain)
+			assert.Len(t, s.images(), c.maxChain)
+			if m != nil {
+				m.requirePaused(false)
+				m.write(200)
+				s.checkDisk("the VM's disk", a, m.shadow)
+			} else {
+				s.checkDisk("the disk", a, s.model[a])
+			}
+		})
+	}
+}
+
+// The same for a qcow2 volume (> 2040 GiB, sparse): snapshot + destroy
+// cycles, then the GC (qemu-img commit, then the leaf-coalesce) leaves one
+// image, and qemu-io reads back every sector written, partial clusters
+// included.
+func TestQCOW2SnapshotDeleteCyclesLeaveOneImage(t *testing.T) {
+	tools := testenv.Tools(t, "qemu-img", "qemu-io")
+	s := newSR(t)
+	var v smapi.Volume
+	s.call("Volume.create", &v, "name", "big", "description", "", "size", int64(2100)<<30, "sharable", false)
+	a := v.Key
+	require.Equal(t, ".qcow2", filepath.Ext(s.leaf(a)))
+	qio := func(cmd string) {
+		t.Helper()
+		out, err := exec.Command(tools["qemu-io"], "-f", "qcow2", "-c", cmd, s.leaf(a)).CombinedOutput()
+		require.NoError(t, err, "qemu-io %s: %s", cmd, out)
+		require.NotContains(t, string(out), "Pattern verification failed", cmd)
+	}
+	for i := 0; i < 5; i++ {
+		qio(fmt.Sprintf("write -P %d %d 512", 0x10+i, int64(i)*(1<<30)+512*int64(i)))
+		var snap smapi.Volume
+		s.call("Volume.snapshot", &snap, "key", a)
+		qio(fmt.Sprintf("write -P %d %d 512", 0x40+i, int64(i)*(1<<30)+4096))
+		s.destroy(snap.Key)
+	}
+	require.NoError(t, luksext.CollectOnce(context.Background(), s.dir, s.deps(), nil, quietLog()))
+	m, _ := filepath.Glob(filepath.Join(s.dir, "*.qcow2"))
+	assert.Equal(t, []string{s.leaf(a)}, m, "one image left")
+	out, err := exec.Command(tools["qemu-img"], "info", "--output=json", s.leaf(a)).Output()
+	require.NoError(t, err)
+	assert.NotContains(t, string(out), "backing-filename", "no backing file left")
+	for i := 0; i < 5; i++ {
+		qio(fmt.Sprintf("read -P %d %d 512", 0x10+i, int64(i)*(1<<30)+512*int64(i)))
+		qio(fmt.Sprintf("read -P %d %d 512", 0x40+i, int64(i)*(1<<30)+4096))
+		qio(fmt.Sprintf("read -P 0 %d 512", int64(i)*(1<<30)+8192))
+	}
+}

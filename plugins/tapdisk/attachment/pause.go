@@ -61,9 +61,15 @@ func (m *Manager) pauseTimeout() time.Duration {
 // clears the record and fails with ErrPauseFailed.
 func (m *Manager) Pause(ctx context.Context, path string) (*Quiesced, error) {
 	img := tapdisk.Image{Path: path}
-	v, err := m.lock(img, false)
+	// create: the lock is held even for a volume no tapdisk serves, so
+	// that no Datapath.attach/activate opens it while it changes.
+	v, err := m.lock(img, true)
 	if err != nil {
-		return nil, err
+		// a state directory we may not create (not root): then no
+		// datapath on this host can have created one either
+		if v, err = m.lock(img, false); err != nil {
+			return nil, err
+		}
 	}
 	q := &Quiesced{m: m, v: v}
 	if v == nil {
