@@ -4,6 +4,8 @@
 #   test      every tier: unit, conformance, TPM/Tang interop, VM end-to-end
 #   lint      gofmt + go vet + staticcheck (pinned in tests/lint/go.mod)
 #   bench     figures side by side with the reference tools, as ratios
+#   fuzz      FUZZTIME (default 5m) of the structured VHD fuzzer (plugins/vhd FuzzVHD);
+#             its seed corpus already runs in every `go test`
 #   demo      build, then create/attach/use/detach an encrypted SR in a VM with a vTPM
 #   rpm       binary + source RPM (xcp-ng.spec) in build/rpm, offline once `go mod download` ran
 GO       ?= go
@@ -12,11 +14,12 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X github.com/luksext/luksext/sr-types/luksext.Version=$(VERSION)
 BIN      := build/bin
 TESTTIMEOUT ?= 85m
+FUZZTIME ?= 5m
 
 export CGO_ENABLED := 0
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: build install test lint bench demo clean rpm
+.PHONY: build install test lint bench fuzz demo clean rpm
 
 build:
 	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/volume ./volume
@@ -37,6 +40,9 @@ test: lint build
 
 bench: build
 	$(GO) test -tags bench -run '^TestBench' -count=1 -v -timeout 60m ./... | grep -E '^(BENCH|--- FAIL|FAIL|ok )' 
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzVHD$$' -fuzztime $(FUZZTIME) ./plugins/vhd
 
 demo: build
 	rm -rf build/demo && mkdir -p build/demo

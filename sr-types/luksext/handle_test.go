@@ -1,6 +1,7 @@
 package luksext_test
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -208,4 +209,39 @@ func TestSRProbeOffersOnlyBlockDevices(t *testing.T) {
 		assert.Equal(t, "Invalid_configuration", rec.Params[0], dev)
 		assert.Contains(t, rec.Params[1], "not a block device")
 	}
+}
+
+// Issue 13 item 5 through the SR type: a volume whose VHD header claims a
+// 0xFFFFFFFF-entry BAT (valid checksum) made Volume.resize allocate and
+// read 16 GiB. It is Needs_attention naming the file, at once.
+func TestVolumeResizeOfHostileVHDNeedsAttention(t *testing.T) {
+	r := luksexttest.NewRoot(t)
+	s := r.NewSR(t)
+	c := handleCtx(t, luksext.VolumeDeps{Handles: r.Check})
+	var v smapi.Volume
+	c.MustSucceed("Volume.create", createParams(s.Path), &v)
+	img := filepath.Join(s.Path, v.Key+".vhd")
+	f, err := os.OpenFile(img, os.O_RDWR, 0)
+	require.NoError(t, err)
+	hdr := make([]byte, 1024)
+	_, err = f.ReadAt(hdr, 512) // dd_hdr right after the footer copy
+	require.NoError(t, err)
+	require.Equal(t, "cxsparse", string(hdr[:8]))
+	binary.BigEndian.PutUint32(hdr[28:], 0xFFFFFFFF) // max_bat_size
+	binary.BigEndian.PutUint32(hdr[36:], 0)
+	var sum uint32
+	for _, b := range hdr {
+		sum += uint32(b)
+	}
+	binary.BigEndian.PutUint32(hdr[36:], ^sum)
+	_, err = f.WriteAt(hdr, 512)
+	require.NoError(t, err)
+	require.NoError(t, f.Truncate(17<<30)) // sparse: every read of the BAT would succeed
+	require.NoError(t, f.Close())
+	start := time.Now()
+	rec := c.ExpectError("Volume.resize", map[string]any{"dbg": "t", "sr": s.Path, "key": v.Key, "new_size": 4 << 20}, "Needs_attention")
+	if rec != nil {
+		assert.Contains(t, rec.Params[1], img)
+	}
+	assert.Less(t, time.Since(start), 10*time.Second)
 }

@@ -30,7 +30,7 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 	if _, ok, err := s.FS.MountedAt(mnt); err != nil {
 		return "", err
 	} else if ok {
-		if m, err := readSRMeta(mnt); err == nil && m.UUID == srUUID {
+		if _, err := s.check().verify(srUUID, mnt); err == nil { // from luksext-<uuid>, record naming it
 			log.Info("SR already attached")
 			return mnt, nil
 		}

@@ -118,6 +118,13 @@ dd if=%s/pattern of=%s bs=64k oflag=direct status=none && sync`, plaintext, g.wo
 		dev = dpAttach(t, dp, vol.URI[0], "9")
 		g.MustRun(t, fmt.Sprintf(`cmp <(head -c 1048576 %s) %s/pattern`, dev, g.work))
 		dpDetach(t, dp, vol.URI[0], "9")
+		// Issue 13 item 2: an SR record naming another LUKS disk (SR 2's)
+		// never gets that disk crypto-erased by SR.destroy.
+		g.MustRun(t, fmt.Sprintf(`cp %s/luksext-sr.json %s/sr.json.orig
+sed -i 's#"device": "[^"]*"#"device": "/dev/vdb"#; s#"luks_uuid": "[^"]*"#"luks_uuid": "%s"#' %s/luksext-sr.json`, mnt1, g.work, cfg2["luks-uuid"], mnt1))
+		rec = g.fails(t, "SR.destroy", map[string]any{"dbg": "t", "sr": sr}, "Needs_attention")
+		assert.Contains(t, rec.Params[1], fmt.Sprintf("belongs to SR %q", sr2))
+		g.MustRun(t, fmt.Sprintf("cryptsetup isLuks /dev/vdb && cryptsetup luksDump /dev/vdb | grep -q 'luksext-%s' && cp %s/sr.json.orig %s/luksext-sr.json", sr2, g.work, mnt1))
 		g.ok(t, "SR.detach", map[string]any{"dbg": "t", "sr": sr}, nil)
 		g.ok(t, "SR.detach", map[string]any{"dbg": "t", "sr": sr}, nil)
 		assert.Equal(t, "", g.MustRun(t, "ls /dev/mapper 2>/dev/null | grep luksext || true"), "detach closed the mapping")
