@@ -3,6 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -126,6 +127,24 @@ func TestDom0Matrix(t *testing.T) {
 			g.startXAPI(t, map[string]string{adminSecret: adminRecovery})
 			g.dom0SRStoryAfterReboot(t, p, cfg)
 			g.dom0OperatorStory(t, p)
+			t.Run("host acceptance script refuses a disk holding data", func(t *testing.T) {
+				// tests/host/acceptance.sh with stand-ins for xe and luksext
+				// that log every call: /dev/vdb holds the operator story's
+				// LUKS header, so the script must stop before calling either.
+				stubs := filepath.Join(g.work, "stubs")
+				require.NoError(t, os.MkdirAll(stubs, 0o755))
+				for _, n := range []string{"xe", "luksext"} {
+					require.NoError(t, os.WriteFile(filepath.Join(stubs, n), []byte("#!/bin/sh\necho \"$0 $*\" >> "+stubs+"/calls\n"), 0o755))
+				}
+				pw := writeNamedKey(t, g, "acceptance", adminRecovery)
+				out, rc := g.Run(t, fmt.Sprintf("rm -f %s/calls; PATH=%s:$PATH bash %s --disk /dev/disk/by-id/virtio-luksext-disk1 --recovery-file %s 2>&1",
+					stubs, stubs, shq(filepath.Join(repoRoot(t), "tests", "host", "acceptance.sh")), pw))
+				assert.Equal(t, 2, rc, out)
+				assert.Contains(t, out, "holds data")
+				assert.Contains(t, out, "crypto_LUKS")
+				_, err := os.Stat(filepath.Join(stubs, "calls"))
+				assert.True(t, os.IsNotExist(err), "xe or luksext was called before the refusal")
+			})
 			t.Run("demo", func(t *testing.T) {
 				out, rc := g.Run(t, "DISK=/dev/vdc bash "+shq(filepath.Join(repoRoot(t), "tests", "demo", "demo.sh"))+" 2>&1")
 				t.Log(out)
