@@ -5,23 +5,11 @@
 package main
 
 import (
-	"context"
-	"fmt"
 	"os"
-	"strings"
 
-	"github.com/luksext/luksext/plugins/logging"
-	"github.com/luksext/luksext/plugins/smapi"
-	"github.com/luksext/luksext/sr-types/luksext"
+	"github.com/luksext/luksext/sr-types/luksext/entrypoint"
 )
 
 func main() {
-	log := logging.New(logging.Options{Plugin: "datapath", Syslog: true})
-	table := luksext.DatapathTable(luksext.RealDeps(log))
-	if len(os.Args) > 1 && os.Args[1] == "--list-methods" {
-		fmt.Println(strings.Join(table.Names(), "\n"))
-		return
-	}
-	os.Exit(smapi.Main(context.Background(), smapi.Plugin{Kind: "datapath", Table: table, Classify: luksext.Classify, Log: log},
-		smapi.Invocation{Args: os.Args, Stdin: os.Stdin, Stdout: os.Stdout}))
+	os.Exit(entrypoint.Datapath(entrypoint.Invocation{Args: os.Args, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}))
 }

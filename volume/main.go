@@ -3,15 +3,15 @@
 // (SR.create, Volume.stat, ...) in
 // /usr/libexec/xapi-storage-script/volume/org.xen.xapi.storage.luksext/.
 // The same binary is the operator command (/usr/sbin/luksext) and the SR
-// garbage collector (`volume gc <sr>`): luksext.VolumeMain dispatches.
+// garbage collector (`volume gc <sr>`): entrypoint.Volume dispatches.
 package main
 
 import (
 	"os"
 
-	"github.com/luksext/luksext/sr-types/luksext"
+	"github.com/luksext/luksext/sr-types/luksext/entrypoint"
 )
 
 func main() {
-	os.Exit(luksext.VolumeMain(luksext.AdminInvocation{Args: os.Args, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}))
+	os.Exit(entrypoint.Volume(entrypoint.Invocation{Args: os.Args, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}))
 }

@@ -1,10 +1,13 @@
 package luks
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+
+	"github.com/luksext/luksext/plugins/run"
 )
 
 // LUKS1 header backups and luksmeta.
@@ -21,6 +24,30 @@ import (
 // backup a byte-exact copy of everything before the data offset, and
 // write the luksmeta part back after cryptsetup restored its own part.
 // LUKS2 needs neither: its tokens live in the JSON area cryptsetup saves.
+
+// BackupHeader saves everything of dev's LUKS header that opens it
+// (keyslots, and for LUKS1 the luksmeta bindings too) to file, a new file.
+func (m *Manager) BackupHeader(ctx context.Context, dev, file string) error {
+	if _, err := m.cryptsetup(ctx, dev, run.Cmd{Args: []string{"luksHeaderBackup", "--batch-mode", dev, "--header-backup-file", file}}); err != nil {
+		return fmt.Errorf("cryptsetup luksHeaderBackup of %s: %w", dev, err)
+	}
+	if err := m.CompleteHeaderBackup(dev, file); err != nil {
+		return fmt.Errorf("adding the LUKS1 bindings (luksmeta) to %s: %w", file, err)
+	}
+	return nil
+}
+
+// RestoreHeader writes a BackupHeader file back over dev's header: every
+// keyslot, and for LUKS1 the luksmeta bindings that go with them.
+func (m *Manager) RestoreHeader(ctx context.Context, dev, file string) error {
+	if _, err := m.cryptsetup(ctx, dev, run.Cmd{Args: []string{"luksHeaderRestore", "--batch-mode", dev, "--header-backup-file", file}}); err != nil {
+		return fmt.Errorf("cryptsetup luksHeaderRestore of %s: %w", dev, err)
+	}
+	if _, err := m.RestoreHeaderRest(dev, file); err != nil {
+		return fmt.Errorf("restoring the LUKS1 bindings (luksmeta) of %s from %s: %w", dev, file, err)
+	}
+	return nil
+}
 
 // CompleteHeaderBackup appends to file, a fresh luksHeaderBackup of dev,
 // the rest of dev's metadata up to the data offset (LUKS1 only; LUKS2

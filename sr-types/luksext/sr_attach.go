@@ -75,7 +75,9 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 		err = ensureStoreDirs(mnt) // the GC's lock directories (plugins/lock creates none)
 	}
 	if err != nil {
-		_ = s.FS.Unmount(context.WithoutCancel(ctx), mnt)
+		if uerr := s.FS.Unmount(context.WithoutCancel(ctx), mnt); uerr != nil {
+			log.WithError(uerr).Warn("could not unmount after a failed attach; SR.detach will")
+		}
 		return "", err
 	}
 	if s.GC != nil {

@@ -1,4 +1,4 @@
-package luksext
+package operator
 
 import (
 	"context"

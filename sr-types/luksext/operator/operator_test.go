@@ -1,4 +1,4 @@
-package luksext
+package operator
 
 import (
 	"bytes"
@@ -19,10 +19,10 @@ import (
 	"github.com/luksext/luksext/plugins/smapi"
 )
 
-func runCLI(t *testing.T, d AdminDeps, stdin string, args ...string) (stdout, stderr string, code int) {
+func runCLI(t *testing.T, d Deps, stdin string, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
 	var out, errb bytes.Buffer
-	code = RunAdmin(context.Background(), AdminInvocation{Args: append([]string{"luksext"}, args...), Stdin: strings.NewReader(stdin), Stdout: &out, Stderr: &errb}, d)
+	code = Run(context.Background(), Invocation{Args: append([]string{"luksext"}, args...), Stdin: strings.NewReader(stdin), Stdout: &out, Stderr: &errb}, d)
 	return out.String(), errb.String(), code
 }
 
@@ -88,12 +88,12 @@ func nilIfEmpty(s []string) []string {
 // Every verb has a help page naming its usage, and the overview lists
 // every runnable verb and every exit code.
 func TestAdminHelpForEveryVerb(t *testing.T) {
-	overview, _, code := runCLI(t, AdminDeps{}, "", "--help")
+	overview, _, code := runCLI(t, Deps{}, "", "--help")
 	require.Equal(t, ExitOK, code)
 	for _, c := range []int{ExitOK, ExitFailure, ExitUsage, ExitWrongPassphrase, ExitNotFound, ExitKeyUnavailable, ExitBusy, ExitRefused, ExitInvalidConfig} {
 		assert.Contains(t, overview, fmt.Sprintf("\n  %d  ", c), "exit code %d documented", c)
 	}
-	noArgs, _, code := runCLI(t, AdminDeps{}, "")
+	noArgs, _, code := runCLI(t, Deps{}, "")
 	assert.Equal(t, ExitOK, code)
 	assert.Equal(t, overview, noArgs)
 	for _, v := range verbs {
@@ -102,7 +102,7 @@ func TestAdminHelpForEveryVerb(t *testing.T) {
 				assert.Contains(t, overview, "  "+v.Name+" ")
 			}
 			for _, form := range [][]string{append(strings.Fields(v.Name), "--help"), append([]string{"help"}, strings.Fields(v.Name)...), append(strings.Fields(v.Name), "-h")} {
-				out, errOut, code := runCLI(t, AdminDeps{}, "", form...)
+				out, errOut, code := runCLI(t, Deps{}, "", form...)
 				require.Equal(t, ExitOK, code, "%v: %s", form, errOut)
 				assert.True(t, strings.HasPrefix(out, "usage: luksext "+v.Usage+"\n"), "%v:\n%s", form, out)
 				assert.Contains(t, out, v.Help)
@@ -117,12 +117,12 @@ func TestAdminHelpForEveryVerb(t *testing.T) {
 
 func TestAdminUsageErrorsExit2(t *testing.T) {
 	for _, args := range [][]string{{"rebind"}, {"frobnicate"}, {"status", "a", "b"}, {"unlock", "SR", "--passphrase=x"}} {
-		out, errOut, code := runCLI(t, AdminDeps{}, "", args...)
+		out, errOut, code := runCLI(t, Deps{}, "", args...)
 		assert.Equal(t, ExitUsage, code, "%v", args)
 		assert.Empty(t, out, "usage errors go to stderr")
 		assert.True(t, strings.HasPrefix(errOut, "luksext: "), errOut)
 	}
-	out, _, code := runCLI(t, AdminDeps{}, "", "rebind", "--json")
+	out, _, code := runCLI(t, Deps{}, "", "rebind", "--json")
 	assert.Equal(t, ExitUsage, code)
 	var r errorReport
 	require.NoError(t, json.Unmarshal([]byte(out), &r), out)

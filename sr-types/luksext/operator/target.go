@@ -1,9 +1,10 @@
-package luksext
+package operator
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/luksext/luksext/sr-types/luksext"
 	"os"
 	"strings"
 
@@ -53,21 +54,21 @@ func (a *admin) resolve(arg string) (target, error) {
 		}
 		return newTarget(arg, arg, info), nil
 	}
-	if !validUUID(arg) {
+	if !luksext.ValidUUID(arg) {
 		return target{}, usageErr("%q is neither an SR uuid nor a device path", arg)
 	}
 	// Attached: the SR record names its disk.
-	if m, err := readSRMeta(a.mountpoint(arg)); err == nil && strings.EqualFold(m.UUID, arg) {
-		if dev, err := a.findDevice(map[string]string{KeyDevice: m.Device, KeyLUKSUUID: m.LUKSUUID}); err == nil {
+	if m, err := luksext.ReadSRMeta(a.Mountpoint(arg)); err == nil && strings.EqualFold(m.UUID, arg) {
+		if dev, err := a.FindDevice(map[string]string{luksext.KeyDevice: m.Device, luksext.KeyLUKSUUID: m.LUKSUUID}); err == nil {
 			if info, err := a.LUKS.Inspect(dev); err == nil {
 				return newTarget(arg, dev, info), nil
 			}
 		}
 	}
-	for _, dev := range a.candidateDisks() {
+	for _, dev := range a.CandidateDisks() {
 		info, err := a.LUKS.Inspect(dev)
 		if err == nil && strings.EqualFold(info.SRUUID(), arg) {
-			return newTarget(arg, stablePath(dev, a.DevDir), info), nil
+			return newTarget(arg, luksext.StablePath(dev, a.DevDir), info), nil
 		}
 	}
 	// A LUKS uuid also names a disk (blkid, /dev/disk/by-uuid).
@@ -94,7 +95,7 @@ func newTarget(arg, dev string, info luks.Info) target {
 func (a *admin) lock(ctx context.Context, t target) (func(), error) {
 	lctx, cancel := context.WithTimeout(ctx, a.LockWait)
 	defer cancel()
-	return a.lockSR(lctx, t.lockKey())
+	return a.LockSR(lctx, t.lockKey())
 }
 
 // refresh re-reads the header after a change.

@@ -1,9 +1,10 @@
-package luksext
+package operator
 
 import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/luksext/luksext/sr-types/luksext"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,7 +38,7 @@ const (
 type hostFixture struct {
 	t     *testing.T
 	sw    *tpmtest.SWTPM
-	deps  AdminDeps
+	deps  Deps
 	img   string
 	tools map[string]string
 }
@@ -66,14 +67,14 @@ func newHostFixture(t *testing.T) *hostFixture {
 	require.NoError(t, err)
 	_, err = lm.Format(ctx, img, luks.FormatOptions{UUID: "11111111-2222-4333-8444-555555555555", Label: luks.SRName(hostSR), Passphrase: pass, Keyslot: 0, KDF: luks.MinimalKDF(), Force: true})
 	require.NoError(t, err)
-	require.NoError(t, lm.WriteMetadata(ctx, img, luks.Metadata{SRUUID: hostSR, State: stateReady}))
+	require.NoError(t, lm.WriteMetadata(ctx, img, luks.Metadata{SRUUID: hostSR, State: luksext.StateReady}))
 	require.NoError(t, lm.Bind(ctx, img, 0, jwe))
 	_, err = lm.AddKeyslot(ctx, img, pass, secret.FromString(hostRecovery), 1, fastRecoveryKDF)
 	require.NoError(t, err)
 
 	empty := t.TempDir() // no disks to scan: SRs are named by path
-	return &hostFixture{t: t, sw: sw, img: img, tools: tools, deps: AdminDeps{
-		SR:          SRDeps{LUKS: lm, Keys: keys, FS: fs.New(runner), MountRoot: filepath.Join(dir, "sr-mount"), StateDir: filepath.Join(dir, "run"), DevDir: empty},
+	return &hostFixture{t: t, sw: sw, img: img, tools: tools, deps: Deps{
+		SR:          luksext.SRDeps{LUKS: lm, Keys: keys, FS: fs.New(runner), MountRoot: filepath.Join(dir, "sr-mount"), StateDir: filepath.Join(dir, "run"), DevDir: empty},
 		Run:         runner,
 		JournalDir:  filepath.Join(dir, "journal"),
 		RecoveryKDF: fastRecoveryKDF,
@@ -277,7 +278,7 @@ func TestAdminHostKeyLifecycle(t *testing.T) {
 	})
 
 	t.Run("an interrupted change is finished or undone", func(t *testing.T) {
-		a := &admin{srService: &srService{f.deps.SR.withDefaults()}, AdminDeps: f.deps}
+		a := &admin{Host: luksext.NewHost(f.deps.SR), Deps: f.deps}
 		tg, err := a.resolve(f.img)
 		require.NoError(t, err)
 		ctx := context.Background()

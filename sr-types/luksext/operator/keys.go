@@ -1,9 +1,10 @@
-package luksext
+package operator
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/luksext/luksext/sr-types/luksext"
 	"strconv"
 	"strings"
 
@@ -99,7 +100,7 @@ func (a *admin) authorise(ctx context.Context, t target) (secret.Bytes, string, 
 	log := smapi.Logger(ctx).WithField("dev", t.Dev)
 	var failures []string
 	for _, b := range t.Info.Bindings {
-		what := describeBinding(b)
+		what := luksext.DescribeBinding(b)
 		pass, err := a.Keys.Decrypt(ctx, b.JWE)
 		if err == nil {
 			if err = a.LUKS.TestKeyslot(ctx, t.Dev, pass, b.Keyslot); err == nil {
@@ -230,13 +231,7 @@ func (a *admin) sealNew(ctx context.Context, t target, existing secret.Bytes, cf
 	if err := a.writeJournal(t, keyJournal{Op: op, New: slot, Old: old}); err != nil {
 		return 0, err
 	}
-	undo := func(cause error) (int, error) {
-		if rerr := a.removeSlot(context.WithoutCancel(ctx), t.Dev, slot); rerr != nil {
-			return 0, fmt.Errorf("%w (and removing the unproven keyslot %d failed: %v; the next luksext run cleans it up)", cause, slot, rerr)
-		}
-		_ = a.dropJournal(t)
-		return 0, cause
-	}
+	undo := func(cause error) (int, error) { return 0, a.undoAdd(ctx, t, slot, cause) }
 	if _, err := a.LUKS.AddKeyslot(ctx, t.Dev, existing, pass, slot, luks.MinimalKDF()); err != nil {
 		return undo(err)
 	}
@@ -426,6 +421,20 @@ func (a *admin) recoveryRotate(ctx context.Context) (report, error) {
 		Message: fmt.Sprintf("%s: new recovery passphrase in keyslot %d, proven to open it; old passphrase keyslot(s) %s removed. Destroy header backups made before now.", t.describe(), slot, joinInts(old))}, nil
 }
 
+// undoAdd removes a keyslot that was added but not proven, then its
+// journal. Neither failure hides cause: a slot that stays is named in the
+// error, a journal that stays is logged, and the next run settles both.
+func (a *admin) undoAdd(ctx context.Context, t target, slot int, cause error) error {
+	ctx = context.WithoutCancel(ctx)
+	if rerr := a.removeSlot(ctx, t.Dev, slot); rerr != nil {
+		return fmt.Errorf("%w (and removing the unproven keyslot %d failed: %v; the next luksext run cleans it up)", cause, slot, rerr)
+	}
+	if derr := a.dropJournal(t); derr != nil {
+		smapi.Logger(ctx).WithError(derr).WithField("dev", t.Dev).Warn("could not remove the key-change journal; the next luksext run settles it")
+	}
+	return cause
+}
+
 // addPassphrase adds a person's passphrase, proves it, then removes old.
 func (a *admin) addPassphrase(ctx context.Context, t target, existing, p secret.Bytes, op string, old []int) (int, error) {
 	slot, err := a.LUKS.FreeKeyslot(t.Dev)
@@ -436,14 +445,10 @@ func (a *admin) addPassphrase(ctx context.Context, t target, existing, p secret.
 		return 0, err
 	}
 	if _, err := a.LUKS.AddKeyslot(ctx, t.Dev, existing, p, slot, a.RecoveryKDF); err != nil {
-		_ = a.removeSlot(context.WithoutCancel(ctx), t.Dev, slot)
-		_ = a.dropJournal(t)
-		return 0, err
+		return 0, a.undoAdd(ctx, t, slot, err)
 	}
 	if err := a.LUKS.TestKeyslot(ctx, t.Dev, p, slot); err != nil {
-		_ = a.removeSlot(context.WithoutCancel(ctx), t.Dev, slot)
-		_ = a.dropJournal(t)
-		return 0, fmt.Errorf("the new passphrase does not open keyslot %d: %w", slot, err)
+		return 0, a.undoAdd(ctx, t, slot, fmt.Errorf("the new passphrase does not open keyslot %d: %w", slot, err))
 	}
 	for _, o := range old {
 		if err := a.removeSlot(ctx, t.Dev, o); err != nil {

@@ -1,9 +1,8 @@
-package luksext
+package operator
 
 import (
 	"context"
 	"io"
-	"os"
 	"path/filepath"
 	"syscall"
 	"testing"
@@ -48,13 +47,4 @@ func TestKeyFileRefusesSpecialFilesAndDoesNotHang(t *testing.T) {
 	time.AfterFunc(100*time.Millisecond, cancel)
 	_, err = readKeyFile(ctx, "-", pr)
 	assert.ErrorIs(t, err, context.Canceled)
-}
-
-// Issue 13 item 16: the SR record is root only, like the volume records.
-func TestSRRecordIsRootOnly(t *testing.T) {
-	dir := t.TempDir()
-	require.NoError(t, writeSRMeta(dir, SRMeta{UUID: "u"}))
-	st, err := os.Stat(filepath.Join(dir, SRMetaFile))
-	require.NoError(t, err)
-	assert.Equal(t, os.FileMode(0o600), st.Mode().Perm())
 }

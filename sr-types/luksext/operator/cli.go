@@ -1,4 +1,4 @@
-package luksext
+package operator
 
 import (
 	"context"
@@ -255,7 +255,7 @@ func parseCommandLine(args []string) (cmdline, *verb, error) {
 func helpText(v *verb) string {
 	var b strings.Builder
 	if v == nil {
-		fmt.Fprintf(&b, "usage: %s VERB [ARGS] [--json] [--verbose]\n\n", AdminCommand)
+		fmt.Fprintf(&b, "usage: %s VERB [ARGS] [--json] [--verbose]\n\n", Command)
 		b.WriteString("Key management for luksext SRs (LUKS-encrypted ext4 whose key is sealed to\nthe TPM, optionally Tang), for when SMAPIv3 has no verb: the TPM refuses\nafter a firmware update, a Tang server is replaced, the recovery passphrase\nmust change. SR is the SR uuid (xe sr-list) or the disk's device path.\n\nVerbs:\n")
 		for _, v := range verbs {
 			if v.Run == nil {
@@ -263,12 +263,12 @@ func helpText(v *verb) string {
 			}
 			fmt.Fprintf(&b, "  %-17s %s\n", v.Name, v.Summary)
 		}
-		b.WriteString("\nWhen the TPM refuses: luksext status → luksext unlock SR → xe pbd-plug →\nluksext rebind SR SLOT. '" + AdminCommand + " VERB --help' explains each verb.\n\n")
+		b.WriteString("\nWhen the TPM refuses: luksext status → luksext unlock SR → xe pbd-plug →\nluksext rebind SR SLOT. '" + Command + " VERB --help' explains each verb.\n\n")
 		b.WriteString(flagsText(nil))
 		b.WriteString("\n" + exitCodeHelp + "\n")
 		return b.String()
 	}
-	fmt.Fprintf(&b, "usage: %s %s\n\n%s\n\n%s\n", AdminCommand, v.Usage, v.Summary, v.Help)
+	fmt.Fprintf(&b, "usage: %s %s\n\n%s\n\n%s\n", Command, v.Usage, v.Summary, v.Help)
 	if len(v.Flags) > 0 && strings.Contains(strings.Join(v.Flags, " "), "--key-file") {
 		b.WriteString("\n" + keyAuthHelp + "\n")
 	}

@@ -1,8 +1,9 @@
-package luksext
+package operator
 
 import (
 	"context"
 	"fmt"
+	"github.com/luksext/luksext/sr-types/luksext"
 	"os"
 	"path/filepath"
 	"strings"
@@ -69,7 +70,7 @@ func (r statusReport) Text() string {
 			name = "SR " + s.SRUUID
 		}
 		fmt.Fprintf(&b, "%s\n  device:   %s (LUKS%d, uuid %s)\n", name, s.Device, s.LUKSVersion, s.LUKSUUID)
-		if s.State != "" && s.State != stateReady {
+		if s.State != "" && s.State != luksext.StateReady {
 			fmt.Fprintf(&b, "  state:    %s (SR.create did not finish)\n", s.State)
 		}
 		fmt.Fprintf(&b, "  unlocked: %s (/dev/mapper/%s)\n", yesNo(s.Unlocked), s.Mapping)
@@ -141,15 +142,15 @@ func (a *admin) allSRs() []target {
 			return
 		}
 		seen[info.UUID] = true
-		out = append(out, newTarget(dev, stablePath(dev, a.DevDir), info))
+		out = append(out, newTarget(dev, luksext.StablePath(dev, a.DevDir), info))
 	}
-	for _, dev := range a.candidateDisks() {
+	for _, dev := range a.CandidateDisks() {
 		add(dev)
 	}
 	entries, _ := os.ReadDir(a.MountRoot)
 	for _, e := range entries {
-		if m, err := readSRMeta(filepath.Join(a.MountRoot, e.Name())); err == nil {
-			if dev, err := a.findDevice(map[string]string{KeyDevice: m.Device, KeyLUKSUUID: m.LUKSUUID}); err == nil {
+		if m, err := luksext.ReadSRMeta(filepath.Join(a.MountRoot, e.Name())); err == nil {
+			if dev, err := a.FindDevice(map[string]string{luksext.KeyDevice: m.Device, luksext.KeyLUKSUUID: m.LUKSUUID}); err == nil {
 				add(dev)
 			}
 		}
@@ -164,7 +165,7 @@ func (a *admin) statusOf(ctx context.Context, t target) srStatus {
 	}
 	s.Unlocked = a.LUKS.IsOpen(t.Name)
 	if t.SRUUID != "" {
-		s.Mountpoint = a.mountpoint(t.SRUUID)
+		s.Mountpoint = a.Mountpoint(t.SRUUID)
 		_, s.Mounted, _ = a.FS.MountedAt(s.Mountpoint)
 	}
 	probes := map[int]probe{}

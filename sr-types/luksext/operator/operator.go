@@ -1,10 +1,11 @@
-package luksext
+package operator
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/luksext/luksext/sr-types/luksext"
 	"io"
 	"os/signal"
 	"strings"
@@ -19,9 +20,9 @@ import (
 	"github.com/luksext/luksext/plugins/smapi"
 )
 
-// AdminCommand is the name the volume binary answers to as the operator
+// Command is the name the volume binary answers to as the operator
 // command (through the symlink /usr/sbin/luksext).
-const AdminCommand = "luksext"
+const Command = "luksext"
 
 // Exit codes of the operator command. Scripts may rely on them; they are
 // listed by `luksext --help` and in README.md.
@@ -58,9 +59,9 @@ var (
 	ErrRefused = errors.New("refused")
 )
 
-// AdminDeps are the edges of the operator command.
-type AdminDeps struct {
-	SR SRDeps
+// Deps are the edges of the operator command.
+type Deps struct {
+	SR luksext.SRDeps
 	// Run executes cryptsetup for header backup/restore.
 	Run run.Runner
 	// Terminal asks a person for passphrases and confirmations.
@@ -79,16 +80,16 @@ type AdminDeps struct {
 // change must still be finished after a reboot.
 const DefaultJournalDir = "/var/lib/luksext/journal"
 
-// AdminInvocation is the process' command line and standard streams.
-type AdminInvocation struct {
+// Invocation is the process' command line and standard streams.
+type Invocation struct {
 	Args           []string // Args[0] is the program name
 	Stdin          io.Reader
 	Stdout, Stderr io.Writer
 }
 
-// AdminMain runs the operator command on the real host and returns the
+// Main runs the operator command on the real host and returns the
 // process exit code.
-func AdminMain(inv AdminInvocation) int {
+func Main(inv Invocation) int {
 	logTo := io.Discard
 	for _, a := range inv.Args[1:] {
 		if a == "-v" || a == "--verbose" {
@@ -97,9 +98,9 @@ func AdminMain(inv AdminInvocation) int {
 	}
 	// Logs go to syslog (SMlog) like the plugins' own; stderr is for the
 	// one-line answer unless --verbose.
-	log := logging.New(logging.Options{Plugin: AdminCommand, Stderr: logTo, Syslog: true})
-	real := RealDeps(log)
-	d := AdminDeps{
+	log := logging.New(logging.Options{Plugin: Command, Stderr: logTo, Syslog: true})
+	real := luksext.RealDeps(log)
+	d := Deps{
 		SR:          real.SR,
 		Run:         run.NewExec(log),
 		Terminal:    TTY{},
@@ -109,22 +110,22 @@ func AdminMain(inv AdminInvocation) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
-	return RunAdmin(ctx, inv, d)
+	return Run(ctx, inv, d)
 }
 
 // admin carries one invocation's state.
 type admin struct {
-	*srService
-	AdminDeps
-	inv  AdminInvocation
+	*luksext.Host
+	Deps
+	inv  Invocation
 	opts cmdline
 	// ctx ends on SIGTERM: a key file read that waits must end with it.
 	ctx context.Context
 }
 
-// RunAdmin parses inv.Args, runs the verb and prints its answer: text, or
+// Run parses inv.Args, runs the verb and prints its answer: text, or
 // one JSON object with --json (errors included). It returns the exit code.
-func RunAdmin(ctx context.Context, inv AdminInvocation, d AdminDeps) int {
+func Run(ctx context.Context, inv Invocation, d Deps) int {
 	if d.Log == nil {
 		l := logrus.New()
 		l.SetOutput(io.Discard)
@@ -147,7 +148,7 @@ func RunAdmin(ctx context.Context, inv AdminInvocation, d AdminDeps) int {
 	if err != nil {
 		return reportError(inv, cl.JSON, v, err)
 	}
-	a := &admin{srService: &srService{d.SR.withDefaults()}, AdminDeps: d, inv: inv, opts: cl, ctx: ctx}
+	a := &admin{Host: luksext.NewHost(d.SR), Deps: d, inv: inv, opts: cl, ctx: ctx}
 	ctx = smapi.WithLogger(ctx, d.Log.WithFields(logrus.Fields{"verb": v.Name}))
 	res, err := v.Run(a, ctx)
 	if err != nil {
@@ -178,18 +179,18 @@ type errorReport struct {
 	} `json:"error"`
 }
 
-func reportError(inv AdminInvocation, asJSON bool, v *verb, err error) int {
+func reportError(inv Invocation, asJSON bool, v *verb, err error) int {
 	code, kind := classifyAdminError(err)
 	msg := err.Error()
 	if errors.Is(err, ErrUsage) {
 		msg = strings.TrimPrefix(msg, ErrUsage.Error()+": ")
 		if v != nil {
-			msg += "\nusage: " + AdminCommand + " " + v.Usage + "\n(" + AdminCommand + " " + v.Name + " --help for more)"
+			msg += "\nusage: " + Command + " " + v.Usage + "\n(" + Command + " " + v.Name + " --help for more)"
 		} else {
-			msg += "\n(" + AdminCommand + " --help lists the commands)"
+			msg += "\n(" + Command + " --help lists the commands)"
 		}
 	}
-	fmt.Fprintf(inv.Stderr, "%s: %s\n", AdminCommand, msg)
+	fmt.Fprintf(inv.Stderr, "%s: %s\n", Command, msg)
 	if asJSON {
 		var r errorReport
 		r.Error.Kind, r.Error.Message, r.Error.ExitCode = kind, err.Error(), code
@@ -201,7 +202,7 @@ func reportError(inv AdminInvocation, asJSON bool, v *verb, err error) int {
 }
 
 // classifyAdminError gives an error its exit code and kind name, from the
-// same classification SMAPI error records use (Classify).
+// same classification SMAPI error records use (luksext.Classify).
 func classifyAdminError(err error) (int, string) {
 	switch {
 	case errors.Is(err, ErrUsage):
@@ -209,7 +210,7 @@ func classifyAdminError(err error) (int, string) {
 	case errors.Is(err, ErrRefused):
 		return ExitRefused, "Refused"
 	}
-	kind := smapi.KindOf(err, Classify)
+	kind := smapi.KindOf(err, luksext.Classify)
 	switch kind {
 	case smapi.KindWrongPassphrase:
 		return ExitWrongPassphrase, kind.Name

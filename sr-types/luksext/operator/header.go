@@ -1,4 +1,4 @@
-package luksext
+package operator
 
 import (
 	"context"
@@ -8,7 +8,6 @@ import (
 	"strings"
 
 	"github.com/luksext/luksext/plugins/luks"
-	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/smapi"
 )
 
@@ -43,12 +42,8 @@ func (a *admin) headerBackup(ctx context.Context) (report, error) {
 		return nil, err
 	}
 	defer release()
-	if _, err := a.Run.Run(ctx, run.Cmd{Tool: "cryptsetup", Args: []string{"luksHeaderBackup", "--batch-mode", t.Dev, "--header-backup-file", file}}); err != nil {
-		return nil, fmt.Errorf("cryptsetup luksHeaderBackup of %s: %w", t.Dev, err)
-	}
-	// LUKS1: cryptsetup's backup stops where luksmeta (the bindings) starts.
-	if err := a.LUKS.CompleteHeaderBackup(t.Dev, file); err != nil {
-		return nil, fmt.Errorf("adding the LUKS1 bindings (luksmeta) to %s: %w", file, err)
+	if err := a.LUKS.BackupHeader(ctx, t.Dev, file); err != nil {
+		return nil, err
 	}
 	if err := os.Chmod(file, 0o400); err != nil {
 		return nil, fmt.Errorf("restricting %s to root: %w", file, err)
@@ -101,13 +96,8 @@ func (a *admin) headerRestore(ctx context.Context) (report, error) {
 			return nil, refused("not confirmed; nothing changed")
 		}
 	}
-	if _, err := a.Run.Run(ctx, run.Cmd{Tool: "cryptsetup", Args: []string{"luksHeaderRestore", "--batch-mode", t.Dev, "--header-backup-file", file}}); err != nil {
-		return nil, fmt.Errorf("cryptsetup luksHeaderRestore of %s: %w", t.Dev, err)
-	}
-	// LUKS1: cryptsetup restores the keyslots only; the bindings (luksmeta)
-	// that go with them follow from the rest of the backup.
-	if _, err := a.LUKS.RestoreHeaderRest(t.Dev, file); err != nil {
-		return nil, fmt.Errorf("restoring the LUKS1 bindings (luksmeta) of %s from %s: %w", t.Dev, file, err)
+	if err := a.LUKS.RestoreHeader(ctx, t.Dev, file); err != nil {
+		return nil, err
 	}
 	// A journal describes keyslots of the header just replaced; settling
 	// it against the restored one could remove a keyslot that works.
