@@ -185,7 +185,7 @@ func sysconfigValue(key string) string {
 	return ""
 }
 
-// RunGC is the garbage collector's main (VolumeMain hands it `volume gc
+// RunGC is the garbage collector's main (entrypoint.Volume hands it `volume gc
 // ...`): args are what follows "gc" on the command line.
 func RunGC(args []string) int {
 	log := logging.New(logging.Options{Plugin: "volume-gc", Syslog: true})
