@@ -17,8 +17,8 @@ import (
 	"github.com/luksext/luksext/plugins/clevis"
 	"github.com/luksext/luksext/plugins/clevis/tangtest"
 	"github.com/luksext/luksext/plugins/secret"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/plugins/tpm/tpmtest"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 // fixture is one test's TPM and (optionally) Tang server, with helpers

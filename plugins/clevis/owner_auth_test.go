@@ -9,8 +9,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/luksext/luksext/plugins/clevis"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/plugins/tpm"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 // Some sites set an owner-hierarchy password. clevis cannot supply one

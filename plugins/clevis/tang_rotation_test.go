@@ -9,7 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/luksext/luksext/plugins/clevis"
-	"github.com/luksext/luksext/tests/testenv"
+	"github.com/luksext/luksext/plugins/testenv"
 )
 
 // Tang administrators rotate keys routinely (tangd-rotate-keys): the old

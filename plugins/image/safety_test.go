@@ -11,7 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/luksext/luksext/plugins/run"
-	"github.com/luksext/luksext/tests/testenv"
+	"github.com/luksext/luksext/plugins/testenv"
 )
 
 // Issue 13 item 10: a qcow2 resize to a size that is not a multiple of 512

@@ -18,7 +18,7 @@ import (
 
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/secret"
-	"github.com/luksext/luksext/tests/testenv"
+	"github.com/luksext/luksext/plugins/testenv"
 )
 
 // testKDFs keep real cryptsetup runs fast: minimal pbkdf2 for the TPM

@@ -13,7 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/luksext/luksext/plugins/secret"
-	"github.com/luksext/luksext/tests/testenv"
+	"github.com/luksext/luksext/plugins/testenv"
 )
 
 // TestRemoveLUKS1KeyslotReadByEveryCryptsetup destroys a LUKS1 keyslot in

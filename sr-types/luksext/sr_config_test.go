@@ -11,7 +11,7 @@ import (
 
 	"github.com/luksext/luksext/plugins/clevis"
 	"github.com/luksext/luksext/plugins/smapi"
-	"github.com/luksext/luksext/tests/testenv"
+	"github.com/luksext/luksext/plugins/testenv"
 )
 
 // fakeDisk makes a block device node (and a by-id link to it) in a temp

@@ -23,8 +23,8 @@ import (
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/smapi/smapitest"
 	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/sr-types/luksext"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 // loopDev attaches a fresh sparse file of size bytes as a loop device.

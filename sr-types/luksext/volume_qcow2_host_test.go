@@ -14,9 +14,9 @@ import (
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/smapi/smapitest"
 	"github.com/luksext/luksext/plugins/tapdisk"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/sr-types/luksext"
 	"github.com/luksext/luksext/sr-types/luksext/luksexttest"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 // TestVolumeCreateRefusesQCOW2WithoutTapdiskDriver: a volume above 2040

@@ -12,8 +12,8 @@ import (
 
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/smapi/smapitest"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/sr-types/luksext"
-	"github.com/luksext/luksext/tests/testenv"
 	"github.com/luksext/luksext/tests/vm"
 )
 

@@ -25,8 +25,8 @@ import (
 	"github.com/luksext/luksext/plugins/logging"
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/smapi/smapitest"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/sr-types/luksext"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 const pluginRoot = "/usr/libexec/xapi-storage-script"

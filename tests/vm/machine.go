@@ -19,7 +19,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
-	"github.com/luksext/luksext/tests/testenv"
+	"github.com/luksext/luksext/plugins/testenv"
 )
 
 //go:embed guest/init2.sh

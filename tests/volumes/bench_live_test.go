@@ -17,9 +17,9 @@ import (
 
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/smapi"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/plugins/vhd"
 	"github.com/luksext/luksext/sr-types/luksext"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 // pauseClock wraps tap-ctl to time how long each pause lasts (from

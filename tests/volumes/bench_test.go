@@ -17,8 +17,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/sr-types/luksext"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 const benchVolumes = 10000

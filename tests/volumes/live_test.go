@@ -25,9 +25,9 @@ import (
 	"github.com/luksext/luksext/plugins/tapdisk"
 	"github.com/luksext/luksext/plugins/tapdisk/attachment"
 	"github.com/luksext/luksext/plugins/tapdisk/tapdiskfake"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/plugins/vhd"
 	"github.com/luksext/luksext/sr-types/luksext"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 // lvioRead reads the whole virtual disk of the chain ending at leaf with

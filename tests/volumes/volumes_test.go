@@ -33,10 +33,10 @@ import (
 	"github.com/luksext/luksext/plugins/tapdisk"
 	"github.com/luksext/luksext/plugins/tapdisk/attachment"
 	"github.com/luksext/luksext/plugins/tapdisk/tapdiskfake"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/plugins/vhd"
 	"github.com/luksext/luksext/sr-types/luksext"
 	"github.com/luksext/luksext/sr-types/luksext/luksexttest"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 const (

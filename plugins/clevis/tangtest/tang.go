@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/luksext/luksext/tests/testenv"
+	"github.com/luksext/luksext/plugins/testenv"
 )
 
 // Server is one running Tang server.

@@ -19,8 +19,8 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/plugins/tpm"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 // SWTPM is one running software TPM.

@@ -21,8 +21,8 @@ import (
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/secret"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/plugins/tpm/tpmtest"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 // The host tier: real cryptsetup on an image file and a real swtpm, so
