@@ -21,6 +21,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/luksext/luksext/plugins/durable"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -137,7 +138,7 @@ func (c *Collector) Pass(ctx context.Context) (bool, error) {
 	}
 
 	if c.RecoverVolumes != nil {
-		if pending, err := volumeJournalPending(c.Store); err != nil {
+		if pending, err := c.Store.JournalPending(); err != nil {
 			return false, err
 		} else if pending {
 			// a crashed volume call may hold a VM paused: finish it now
@@ -151,7 +152,7 @@ func (c *Collector) Pass(ctx context.Context) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	pending, err := volumeJournalPending(c.Store)
+	pending, err := c.Store.JournalPending()
 	if err != nil || pending {
 		l.Release()
 		return false, err // the next volume call finishes it first
@@ -337,10 +338,7 @@ func (c *Collector) leafCoalesce(ctx context.Context, j journal, resume func(con
 			return err
 		}
 		if there {
-			if err := os.Rename(parent, leaf); err != nil {
-				return err
-			}
-			if err := syncDir(leaf); err != nil {
+			if err := durable.Rename(parent, leaf); err != nil {
 				return err
 			}
 		}
@@ -380,15 +378,6 @@ func exists(path string) (bool, error) {
 		return false, nil
 	}
 	return false, err
-}
-
-func syncDir(path string) error {
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // runCoalesce takes a journalled coalesce from its recorded step to the end.
@@ -563,24 +552,6 @@ func (c *Collector) removeOrphans(known map[string]store.Node) (bool, error) {
 		removed = true
 	}
 	return removed, nil
-}
-
-// volumeJournalPending reports unfinished volume operations (snapshots):
-// the tree is half-built until the next volume call finishes them.
-func volumeJournalPending(st store.Store) (bool, error) {
-	entries, err := os.ReadDir(st.Path("journal"))
-	if errors.Is(err, os.ErrNotExist) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	for _, e := range entries {
-		if strings.HasSuffix(e.Name(), ".json") && !strings.HasPrefix(e.Name(), ".") {
-			return true, nil
-		}
-	}
-	return false, nil
 }
 
 // Run collects until nothing changes, then every interval, until ctx ends

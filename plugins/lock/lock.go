@@ -92,16 +92,7 @@ func TryAcquire(path string, mode Mode) (l *Lock, ok bool, err error) {
 	if err != nil {
 		return nil, false, fmt.Errorf("opening lock file: %w", err)
 	}
-	how := syscall.LOCK_SH
-	if mode == Exclusive {
-		how = syscall.LOCK_EX
-	}
-	for {
-		err = syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB)
-		if err != syscall.EINTR {
-			break
-		}
-	}
+	err = tryFlock(f, mode)
 	if err == syscall.EWOULDBLOCK {
 		f.Close()
 		return nil, false, nil
@@ -141,16 +132,7 @@ func Held(path string, mode Mode) (bool, error) {
 		return false, fmt.Errorf("opening lock file: %w", err)
 	}
 	defer f.Close()
-	how := syscall.LOCK_SH
-	if mode == Exclusive {
-		how = syscall.LOCK_EX
-	}
-	for {
-		err = syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB)
-		if err != syscall.EINTR {
-			break
-		}
-	}
+	err = tryFlock(f, mode)
 	if err == syscall.EWOULDBLOCK {
 		return true, nil
 	}
@@ -158,4 +140,19 @@ func Held(path string, mode Mode) (bool, error) {
 		return false, fmt.Errorf("locking %s: %w", path, err)
 	}
 	return false, nil // closing f drops the probe lock
+}
+
+// tryFlock takes a non-blocking flock in mode, retrying when a signal
+// interrupts the call; EWOULDBLOCK means another holder excludes it.
+func tryFlock(f *os.File, mode Mode) error {
+	how := syscall.LOCK_SH
+	if mode == Exclusive {
+		how = syscall.LOCK_EX
+	}
+	for {
+		err := syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB)
+		if err != syscall.EINTR {
+			return err
+		}
+	}
 }

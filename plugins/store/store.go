@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/luksext/luksext/plugins/durable"
 	"os"
 	"path/filepath"
 	"strings"
@@ -167,7 +168,7 @@ func (s Store) Put(n Node) error {
 	if err := os.MkdirAll(s.nodesDir(), 0o700); err != nil {
 		return err
 	}
-	return WriteFileAtomic(s.recordPath(n.ID), b, 0o600)
+	return durable.WriteFile(s.recordPath(n.ID), b, 0o600)
 }
 
 // Delete removes a record; deleting an absent record is not an error.
@@ -176,7 +177,7 @@ func (s Store) Delete(id string) error {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	return syncDir(s.nodesDir())
+	return durable.SyncDir(s.nodesDir())
 }
 
 // List reads every record. It fails (never returns a partial or empty
@@ -257,7 +258,7 @@ func WriteJSON(path string, v any) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return err
 	}
-	return WriteFileAtomic(path, append(b, '\n'), 0o600)
+	return durable.WriteFile(path, append(b, '\n'), 0o600)
 }
 
 // ReadJSON reads path into v; os.ErrNotExist passes through.
@@ -270,4 +271,27 @@ func ReadJSON(path string, v any) error {
 		return fmt.Errorf("%s: %w", path, ErrCorrupt)
 	}
 	return nil
+}
+
+// JournalDir holds the journals of multi-step volume operations
+// (snapshot, clone, resize): one file per operation in progress.
+func (s Store) JournalDir() string { return s.Path("journal") }
+
+// JournalPending reports whether a volume operation is unfinished: its
+// journal is still there. The GC does nothing while one is, since it would
+// see a half-built tree; the next volume call finishes it.
+func (s Store) JournalPending() (bool, error) {
+	entries, err := os.ReadDir(s.JournalDir())
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	for _, e := range entries {
+		if strings.HasSuffix(e.Name(), ".json") && !strings.HasPrefix(e.Name(), ".") {
+			return true, nil
+		}
+	}
+	return false, nil
 }

@@ -110,3 +110,19 @@ func TestGetRefusesHostileRecords(t *testing.T) {
 	}
 	assert.Error(t, s.Put(Node{ID: NewID(), Format: "vhd/../x"}), "nothing writes such a record either")
 }
+
+func TestJournalPending(t *testing.T) {
+	st := New(t.TempDir())
+	pending, err := st.JournalPending()
+	require.NoError(t, err)
+	assert.False(t, pending, "no journal directory: nothing pending")
+	require.NoError(t, os.MkdirAll(st.JournalDir(), 0o700))
+	require.NoError(t, os.WriteFile(filepath.Join(st.JournalDir(), ".snapshot-x.json.tmp123"), nil, 0o600))
+	pending, err = st.JournalPending()
+	require.NoError(t, err)
+	assert.False(t, pending, "a temporary file of an unfinished write is not a journal")
+	require.NoError(t, os.WriteFile(filepath.Join(st.JournalDir(), "snapshot-x.json"), []byte("{}"), 0o600))
+	pending, err = st.JournalPending()
+	require.NoError(t, err)
+	assert.True(t, pending)
+}

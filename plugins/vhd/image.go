@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/luksext/luksext/plugins/durable"
 	"io"
 	"os"
 	"path/filepath"
@@ -198,19 +199,7 @@ func create(path, parentPath string, size int64, o CreateOptions) error {
 	if err := os.Chmod(tmp.Name(), 0o600); err != nil {
 		return err
 	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return durable.Rename(tmp.Name(), path)
 }
 
 // relativeTo is libvhd's relative_path_to: the parent's path seen from the

@@ -2,11 +2,11 @@ package luksext
 
 import (
 	"encoding/json"
+	"github.com/luksext/luksext/plugins/durable"
 	"os"
 	"path/filepath"
 
 	"github.com/luksext/luksext/plugins/smapi"
-	"github.com/luksext/luksext/plugins/store"
 )
 
 // SRMetaFile is the SR's own record at the root of its filesystem, written
@@ -54,5 +54,5 @@ func writeSRMeta(sr string, m SRMeta) error {
 	if err != nil {
 		return err
 	}
-	return store.WriteFileAtomic(filepath.Join(sr, SRMetaFile), append(b, '\n'), 0o600)
+	return durable.WriteFile(filepath.Join(sr, SRMetaFile), append(b, '\n'), 0o600)
 }

@@ -4,9 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/luksext/luksext/plugins/durable"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -31,7 +31,7 @@ type snapshotJournal struct {
 	Clone      bool   `json:"clone"`
 }
 
-func journalDir(st store.Store) string { return st.Path("journal") }
+func journalDir(st store.Store) string { return st.JournalDir() }
 
 // SnapshotSteps are the points of a snapshot or clone passed to
 // VolumeDeps.Fault, in order.
@@ -41,24 +41,6 @@ func (v *volumes) fault(step string) {
 	if v.d.Fault != nil {
 		v.d.Fault(step)
 	}
-}
-
-// JournalPending reports whether a volume operation is unfinished; the GC
-// does nothing while one is (it would see a half-built tree).
-func JournalPending(sr string) (bool, error) {
-	entries, err := os.ReadDir(journalDir(store.New(sr)))
-	if errors.Is(err, os.ErrNotExist) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	for _, e := range entries {
-		if strings.HasSuffix(e.Name(), ".json") && !strings.HasPrefix(e.Name(), ".") {
-			return true, nil
-		}
-	}
-	return false, nil
 }
 
 func (v *volumes) chainDepth(n store.Node) (int, error) {
@@ -155,11 +137,8 @@ func (v *volumes) finishSnapshot(ctx context.Context, j snapshotJournal) error {
 		return err
 	}
 	if !baseThere {
-		if err := os.Rename(leaf, basePath); err != nil {
+		if err := durable.Rename(leaf, basePath); err != nil {
 			return fmt.Errorf("renaming %s to base %s: %w", leaf, basePath, err)
-		}
-		if err := syncDirOf(basePath); err != nil {
-			return err
 		}
 		v.fault("renamed")
 	}
@@ -268,13 +247,4 @@ func (v *volumes) recover(ctx context.Context) error {
 		}
 	}
 	return v.recoverGC(ctx)
-}
-
-func syncDirOf(path string) error {
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
+	"github.com/luksext/luksext/plugins/durable"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -265,7 +266,7 @@ func liveCrashHelper(spec string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 4
 	}
-	bt.AfterCommand = func() { _ = store.WriteFileAtomic(c.State, bt.State(), 0o600) }
+	bt.AfterCommand = func() { _ = durable.WriteFile(c.State, bt.State(), 0o600) }
 	// Step is "name" or "name-n": the n-th time that step is reached.
 	target, nth := c.Step, 1
 	if name, n, ok := strings.Cut(c.Step, "-"); ok {

@@ -20,11 +20,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/luksext/luksext/plugins/durable"
+	"github.com/luksext/luksext/plugins/lock"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -437,16 +438,17 @@ func findMinor(entries []tapdisk.Entry, minor int) (tapdisk.Entry, bool) {
 	return tapdisk.Entry{}, false
 }
 
-// volumeLock is a held flock on one volume's lock file.
+// volumeLock is a held lock on one volume's datapath record.
 type volumeLock struct {
-	f    *os.File
+	l    *lock.Lock
 	path string // the record
 }
 
-// lock takes the volume's lock. With create false and no state directory
-// at all, nothing can be attached: it returns a nil lock and no error, so
-// deactivate/detach on a fresh host touch nothing.
-func (m *Manager) lock(img tapdisk.Image, create bool) (*volumeLock, error) {
+// lock takes the volume's lock, waiting as long as ctx allows. With create
+// false and no state directory at all, nothing can be attached: it returns
+// a nil lock and no error, so deactivate/detach on a fresh host touch
+// nothing.
+func (m *Manager) lock(ctx context.Context, img tapdisk.Image, create bool) (*volumeLock, error) {
 	dir := m.dir()
 	if create {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -458,24 +460,14 @@ func (m *Manager) lock(img tapdisk.Image, create bool) (*volumeLock, error) {
 	stem := filepath.Join(dir, name(img))
 	// Lock files are never removed: removing one while another process
 	// waits on it would let two holders lock different inodes.
-	f, err := os.OpenFile(stem+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	l, err := lock.Acquire(ctx, stem+".lock", lock.Exclusive, m.log())
 	if err != nil {
-		return nil, fmt.Errorf("opening datapath lock: %w", err)
+		return nil, fmt.Errorf("datapath lock of %s: %w", img.Path, err)
 	}
-	for {
-		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX)
-		if !errors.Is(err, syscall.EINTR) {
-			break
-		}
-	}
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("locking %s: %w", stem+".lock", err)
-	}
-	return &volumeLock{f: f, path: stem + ".json"}, nil
+	return &volumeLock{l: l, path: stem + ".json"}, nil
 }
 
-func (v *volumeLock) unlock() { _ = v.f.Close() }
+func (v *volumeLock) unlock() { _ = v.l.Release() }
 
 // load returns the record, or nil if there is none.
 func (v *volumeLock) load() (*Record, error) {
@@ -497,17 +489,13 @@ func (v *volumeLock) load() (*Record, error) {
 }
 
 // save replaces the record atomically: a crash leaves the old or the new
-// one, never a torn one. No fsync: the directory is on tmpfs by design.
+// one, never a torn one (the fsyncs cost nothing on the tmpfs it lives on).
 func (v *volumeLock) save(rec *Record) error {
 	b, err := json.MarshalIndent(rec, "", "  ")
 	if err != nil {
 		return err
 	}
-	tmp := v.path + ".tmp"
-	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
-		return fmt.Errorf("writing datapath state: %w", err)
-	}
-	if err := os.Rename(tmp, v.path); err != nil {
+	if err := durable.WriteFile(v.path, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("writing datapath state: %w", err)
 	}
 	return nil

@@ -63,11 +63,11 @@ func (m *Manager) Pause(ctx context.Context, path string) (*Quiesced, error) {
 	img := tapdisk.Image{Path: path}
 	// create: the lock is held even for a volume no tapdisk serves, so
 	// that no Datapath.attach/activate opens it while it changes.
-	v, err := m.lock(img, true)
+	v, err := m.lock(ctx, img, true)
 	if err != nil {
 		// a state directory we may not create (not root): then no
 		// datapath on this host can have created one either
-		if v, err = m.lock(img, false); err != nil {
+		if v, err = m.lock(ctx, img, false); err != nil {
 			return nil, err
 		}
 	}
@@ -178,7 +178,7 @@ func (m *Manager) unpause(ctx context.Context, v *volumeLock, rec *Record) error
 // at that path. It returns the lock and record like lock+load.
 func (m *Manager) settle(ctx context.Context, img tapdisk.Image, create bool) (*volumeLock, *Record, error) {
 	for attempt := 0; ; attempt++ {
-		v, err := m.lock(img, create)
+		v, err := m.lock(ctx, img, create)
 		if err != nil || v == nil {
 			return v, nil, err
 		}

@@ -46,7 +46,7 @@ func TestPauseHoldsIOUntilResume(t *testing.T) {
 
 func (f *fixture) record(t *testing.T) *Record {
 	t.Helper()
-	v, err := f.m.lock(f.img, false)
+	v, err := f.m.lock(context.Background(), f.img, false)
 	require.NoError(t, err)
 	defer v.unlock()
 	rec, err := v.load()

@@ -5,13 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/luksext/luksext/plugins/durable"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/smapi"
-	"github.com/luksext/luksext/plugins/store"
 )
 
 // keyJournal records a key change before it touches the header: the
@@ -59,7 +59,7 @@ func (a *admin) writeJournal(t target, j keyJournal) error {
 	if err != nil {
 		return err
 	}
-	return store.WriteFileAtomic(a.journalPath(t), data, 0o600)
+	return durable.WriteFile(a.journalPath(t), data, 0o600)
 }
 
 func (a *admin) dropJournal(t target) error {
