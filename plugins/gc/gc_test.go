@@ -33,6 +33,9 @@ type tree struct {
 
 func newTree(t *testing.T) *tree {
 	st := store.New(t.TempDir())
+	// what SR.attach makes once the SR is mounted (plugins/lock creates no
+	// directories)
+	require.NoError(t, os.MkdirAll(st.Path("locks"), 0o700))
 	log := logrus.New()
 	log.SetOutput(io.Discard)
 	tr := &tree{t: t, st: st}
