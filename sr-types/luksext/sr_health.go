@@ -17,7 +17,7 @@ import (
 // back to the recovery passphrase kept in xapi, or `luksext status` found a
 // binding that no longer unseals. Nobody is at the console when that
 // happens, so the SR says it two ways: SR.stat's health, and a XAPI message
-// on the SR, which Xen Orchestra and XenCenter list as a notification.
+// on the SR, which Xen Orchestra lists in the SR's Logs tab.
 
 // Names of the XAPI messages. Priorities are xapi's scale
 // (xen-api ocaml/xapi-consts/api_messages.ml): 3 "Warning: take action now

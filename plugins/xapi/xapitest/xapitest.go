@@ -23,6 +23,15 @@ type Server struct {
 	srv     *http.Server
 	ln      net.Listener
 	callLog io.Writer
+	msgLog  io.Writer
+}
+
+// SetMessageLog makes the server write each message it creates to w as
+// one JSON object per line (a VM test reads them from outside).
+func (s *Server) SetMessageLog(w io.Writer) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.msgLog = w
 }
 
 // SetCallLog makes the server write each method name, one per line, to w
@@ -148,6 +157,10 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 				fail = []string{"INVALID_VALUE", "cls", m.Class}
 			default:
 				s.msgs = append(s.msgs, m)
+				if s.msgLog != nil {
+					b, _ := json.Marshal(m)
+					_, _ = s.msgLog.Write(append(b, '\n'))
+				}
 				result = "OpaqueRef:message-" + strconv.Itoa(len(s.msgs))
 			}
 		} else {
