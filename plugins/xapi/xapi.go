@@ -141,3 +141,16 @@ func (c *Client) secretRef(ctx context.Context, session, uuid string) (string, e
 	}
 	return ref, err
 }
+
+// PostMessage creates a XAPI message (message.create) about the object
+// of class cls ("SR", "Host", ...) with this uuid. priority is xapi's scale,
+// 1 critical to 5 informational (xen-api ocaml/xapi-consts/api_messages.ml);
+// Xen Orchestra and XenCenter show such messages as notifications.
+func (c *Client) PostMessage(ctx context.Context, name string, priority int, cls, objUUID, body string) error {
+	s, logout, err := c.session(ctx)
+	if err != nil {
+		return err
+	}
+	defer logout()
+	return c.call(ctx, nil, "message.create", s, name, priority, cls, objUUID, body)
+}

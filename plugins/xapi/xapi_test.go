@@ -41,3 +41,19 @@ func TestUnreachable(t *testing.T) {
 	require.Error(t, err)
 	assert.True(t, errors.Is(err, ErrUnreachable), "%v", err)
 }
+
+func TestPostMessage(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "xapi")
+	srv, err := xapitest.New(sock, nil)
+	require.NoError(t, err)
+	defer srv.Close()
+	c := New(sock, 5*time.Second)
+	require.NoError(t, c.PostMessage(context.Background(), "LUKSEXT_AUTO_UNLOCK_BROKEN", 3, "SR", "6f1c3b7e-1b1e-4c4d-9d5e-2a7f0c1e8b11", "SR 6f1c... opened with the recovery passphrase"))
+	assert.Equal(t, []xapitest.Message{{Name: "LUKSEXT_AUTO_UNLOCK_BROKEN", Priority: 3, Class: "SR", ObjUUID: "6f1c3b7e-1b1e-4c4d-9d5e-2a7f0c1e8b11", Body: "SR 6f1c... opened with the recovery passphrase"}}, srv.Messages())
+	assert.Equal(t, []string{"session.login_with_password", "message.create", "session.logout"}, srv.Calls())
+
+	err = c.PostMessage(context.Background(), "X", 3, "NotAClass", "u", "b")
+	var ae *APIError
+	require.True(t, errors.As(err, &ae), "%v", err)
+	assert.Equal(t, "INVALID_VALUE", ae.Code)
+}

@@ -32,12 +32,14 @@ func RealDeps(log logrus.FieldLogger) Deps {
 		log.WithError(err).Warn("ignoring " + tpm.EnvVar + "; using the host TPM")
 		spec = tpm.Spec{Kind: tpm.KindDevice}
 	}
+	xapiClient := xapi.New(os.Getenv(XAPISocketEnv), 30*time.Second)
 	return Deps{
 		Paths: run.DefaultPaths,
 		SR: SRDeps{
 			LUKS:    luks.New(runner, log),
 			Keys:    clevis.New(spec, log),
-			Secrets: xapi.New(os.Getenv(XAPISocketEnv), 30*time.Second),
+			Secrets: xapiClient,
+			Notify:  xapiClient,
 			FS:      fs.New(runner),
 			Probe:   blockdev.Prober{Run: runner},
 			GC:      processGC{},

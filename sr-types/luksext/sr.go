@@ -50,6 +50,8 @@ type SRDeps struct {
 	// GC starts and stops the volume garbage collector of a mounted SR;
 	// nil until volumes provide one.
 	GC GCControl
+	// Notify posts XAPI messages on the SR (plugins/xapi); nil posts none.
+	Notify Notifier
 }
 
 // SignatureProber says what a device already holds (blockdev.Prober).

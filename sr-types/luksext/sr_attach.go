@@ -53,7 +53,8 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 	if fb, _ := parseBool(p.Configuration, KeyRecoveryFallback); fb {
 		fallback = &recoverySource{SecretUUID: p.Configuration[KeyRecoveryPassword+secretSuffix], Plain: p.Configuration[KeyRecoveryPassword]}
 	}
-	if err := s.unlockDevice(ctx, dev, name, fallback); err != nil {
+	viaRecovery, err := s.unlockDeviceVia(ctx, dev, name, fallback)
+	if err != nil {
 		return "", err
 	}
 	mapper := s.LUKS.MapperPath(name)
@@ -84,6 +85,9 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 		if err := s.GC.Start(ctx, mnt); err != nil {
 			log.WithError(err).Warn("could not start the volume garbage collector")
 		}
+	}
+	if viaRecovery != "" {
+		s.markAutoUnlockBroken(ctx, srUUID, "was opened with the recovery passphrase kept in xapi because automatic unlock failed ("+viaRecovery+")")
 	}
 	log.WithField("mountpoint", mnt).Info("SR attached")
 	return mnt, nil

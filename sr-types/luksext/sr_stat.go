@@ -23,7 +23,7 @@ func (s *srService) stat(ctx context.Context, p smapi.SRParams) (smapi.SRStat, e
 	uuid := meta.UUID
 	return smapi.SRStat{
 		SR: p.SR, Name: meta.Name, Description: meta.Description, UUID: &uuid,
-		TotalSpace: space.Total, FreeSpace: space.Free, Datasources: []string{}, Health: smapi.Healthy(),
+		TotalSpace: space.Total, FreeSpace: space.Free, Datasources: []string{}, Health: s.health(uuid),
 	}, nil
 }
 

@@ -17,14 +17,21 @@ import (
 // existing mapping is success (an operator may have unlocked it by hand).
 // When nothing works, the error lists why per method and how to recover.
 func (s *srService) unlockDevice(ctx context.Context, dev, name string, fallback *recoverySource) error {
+	_, err := s.unlockDeviceVia(ctx, dev, name, fallback)
+	return err
+}
+
+// unlockDeviceVia is unlockDevice that also says, when it had to use the
+// recovery passphrase, why every binding failed (empty otherwise).
+func (s *srService) unlockDeviceVia(ctx context.Context, dev, name string, fallback *recoverySource) (viaRecovery string, err error) {
 	log := smapi.Logger(ctx).WithFields(map[string]any{"dev": dev, "dm_name": name})
 	if s.LUKS.IsOpen(name) {
 		log.Info("device already unlocked")
-		return nil
+		return "", nil
 	}
 	bindings, err := s.LUKS.Bindings(dev)
 	if err != nil {
-		return fmt.Errorf("reading the key bindings of %s: %w", dev, err)
+		return "", fmt.Errorf("reading the key bindings of %s: %w", dev, err)
 	}
 	var failures []string
 	for _, b := range bindings {
@@ -42,7 +49,7 @@ func (s *srService) unlockDevice(ctx context.Context, dev, name string, fallback
 			continue
 		}
 		log.WithField("keyslot", b.Keyslot).Info("unlocked with " + what)
-		return nil
+		return "", nil
 	}
 	if len(bindings) == 0 {
 		failures = append(failures, errNoBinding.Error())
@@ -55,11 +62,11 @@ func (s *srService) unlockDevice(ctx context.Context, dev, name string, fallback
 		}
 		if err == nil {
 			log.Warn("automatic unlock failed (" + strings.Join(failures, "; ") + "); unlocked with the recovery passphrase kept in xapi. Run 'luksext rebind' to make the TPM binding work again")
-			return nil
+			return strings.Join(failures, "; "), nil
 		}
 		failures = append(failures, fmt.Sprintf("recovery passphrase: %v", err))
 	}
-	return smapi.Errorf(smapi.KindKeyUnavailable,
+	return "", smapi.Errorf(smapi.KindKeyUnavailable,
 		"could not unlock %s automatically (%s). To recover: run 'luksext unlock %s' on this host and type the recovery passphrase, then plug the SR again (xe pbd-plug); after an intended change (firmware or Secure Boot update, new board) run 'luksext rebind' to seal the key to the TPM's current state",
 		dev, strings.Join(failures, "; "), strings.TrimPrefix(name, luks.NamePrefix))
 }

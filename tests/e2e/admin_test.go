@@ -176,6 +176,63 @@ true`, recoveryKey, dev, rotatedKey, dev))
 		g.MustRun(t, fmt.Sprintf("clevis luks unlock -d %s -n clevis-check && test -b /dev/mapper/clevis-check && cryptsetup close clevis-check", dev))
 	})
 
+	// Issue 16: XO sees trouble before a person does. With the recovery
+	// passphrase kept for the fallback, a PCR change no longer fails the
+	// attach: SR.stat then reports the SR degraded and a XAPI message is
+	// posted on it; rebind makes it Healthy again (and says so).
+	t.Run("fallback attach: SR.stat degraded and a XAPI message, until rebind", func(t *testing.T) {
+		msgs := filepath.Join(g.work, "xapi-messages.jsonl")
+		secrets := filepath.Join(g.work, "input-secrets")
+		require.NoError(t, os.WriteFile(secrets, []byte(adminSecret+"="+adminRecovery+"\n"), 0o600))
+		g.MustRun(t, fmt.Sprintf(`pkill -f fakexapi; rm -f /run/fakexapi.sock %[2]s
+setsid %[1]s/bin/fakexapi -socket /run/fakexapi.sock -calls %[1]s/xapi-calls.log -messages %[2]s <%[3]s >/dev/null 2>&1 &
+for i in $(seq 100); do [ -S /run/fakexapi.sock ] && exit 0; sleep 0.1; done; exit 1`, g.work, msgs, secrets))
+		defer g.startXAPI(t, map[string]string{adminSecret: adminRecovery})
+		readMsgs := func() []map[string]any {
+			b, _ := os.ReadFile(msgs)
+			var out []map[string]any
+			for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+				if l != "" {
+					var m map[string]any
+					require.NoError(t, json.Unmarshal([]byte(l), &m))
+					out = append(out, m)
+				}
+			}
+			return out
+		}
+		withFallback := map[string]string{"recovery-fallback": "true", "recovery-password_secret": adminSecret}
+		for k, v := range cfg {
+			withFallback[k] = v
+		}
+		g.MustRun(t, "tpm2_pcrextend 7:sha256="+strings.Repeat("03", 32))
+		g.ok(t, "SR.attach", attachParams(withFallback), &sr)
+		var st struct {
+			Health []string `json:"health"`
+		}
+		g.ok(t, "SR.stat", map[string]any{"dbg": "t", "sr": sr}, &st)
+		require.Len(t, st.Health, 2)
+		assert.Equal(t, "Recovering", st.Health[0])
+		assert.Contains(t, st.Health[1], "Degraded: was opened with the recovery passphrase")
+		m := readMsgs()
+		require.Len(t, m, 1, "one message")
+		assert.Equal(t, map[string]any{"name": "LUKSEXT_AUTO_UNLOCK_BROKEN", "priority": float64(3), "cls": "SR", "obj_uuid": adminSR}, map[string]any{"name": m[0]["name"], "priority": m[0]["priority"], "cls": m[0]["cls"], "obj_uuid": m[0]["obj_uuid"]})
+		assert.Contains(t, m[0]["body"], "SR "+adminSR+" was opened with the recovery passphrase")
+		assert.Contains(t, m[0]["body"], "luksext rebind "+adminSR)
+		assert.NotContains(t, m[0]["body"], adminRecovery)
+
+		// The operator rebinds while the SR is attached (the XAPI socket
+		// given, as on a host).
+		out, code := g.Run(t, fmt.Sprintf(`LUKSEXT_XAPI_SOCKET=/run/fakexapi.sock %s/root/usr/sbin/luksext rebind %s %d --key-file %s`, g.work, adminSR, g.tpmSlot(t), recoveryKey))
+		require.Equal(t, 0, code, out)
+		g.ok(t, "SR.stat", map[string]any{"dbg": "t", "sr": sr}, &st)
+		assert.Equal(t, []string{"Healthy", ""}, st.Health)
+		m = readMsgs()
+		require.Len(t, m, 2)
+		assert.Equal(t, "LUKSEXT_AUTO_UNLOCK_REPAIRED", m[1]["name"])
+		assert.Equal(t, float64(4), m[1]["priority"])
+		g.ok(t, "SR.detach", map[string]any{"dbg": "t", "sr": sr}, nil)
+	})
+
 	// killAt starts a luksext run in the background, waits until the
 	// header shows the change reached a step, kills it with SIGKILL and
 	// reports the header then.

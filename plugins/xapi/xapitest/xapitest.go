@@ -1,7 +1,8 @@
 // Package xapitest is an in-memory XenAPI server speaking JSON-RPC 2.0 on a
 // unix socket, with just the calls the plugin makes (session login/logout,
-// secret get_by_uuid/get_value/destroy), so secret resolution is tested
-// over the real wire protocol.
+// secret get_by_uuid/get_value/destroy, message.create), so secret
+// resolution and notifications are tested over the real wire protocol.
+// Unlike xapi it does not check that a message's object exists.
 package xapitest
 
 import (
@@ -9,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 )
 
@@ -17,9 +19,19 @@ type Server struct {
 	mu      sync.Mutex
 	secrets map[string]string
 	calls   []string
+	msgs    []Message
 	srv     *http.Server
 	ln      net.Listener
 	callLog io.Writer
+	msgLog  io.Writer
+}
+
+// SetMessageLog makes the server write each message it creates to w as
+// one JSON object per line (a VM test reads them from outside).
+func (s *Server) SetMessageLog(w io.Writer) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.msgLog = w
 }
 
 // SetCallLog makes the server write each method name, one per line, to w
@@ -63,6 +75,23 @@ func (s *Server) Calls() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return append([]string(nil), s.calls...)
+}
+
+// Message is one message.create call, its parameters as decoded from
+// the wire (priority arrives as a JSON number).
+type Message struct {
+	Name     string  `json:"name"`
+	Priority float64 `json:"priority"`
+	Class    string  `json:"cls"`
+	ObjUUID  string  `json:"obj_uuid"`
+	Body     string  `json:"body"`
+}
+
+// Messages lists the messages created, oldest first.
+func (s *Server) Messages() []Message {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Message(nil), s.msgs...)
 }
 
 type request struct {
@@ -113,6 +142,29 @@ func (s *Server) handle(w http.ResponseWriter, r *http.Request) {
 		default:
 			delete(s.secrets, uuid)
 			result = ""
+		}
+	case "message.create":
+		var m Message
+		var prio any
+		if len(req.Params) == 6 && json.Unmarshal(req.Params[2], &prio) == nil {
+			m = Message{Name: str(1), Class: str(3), ObjUUID: str(4), Body: str(5)}
+			p, isNumber := prio.(float64)
+			m.Priority = p
+			switch {
+			case !isNumber:
+				fail = []string{"FIELD_TYPE_ERROR", "priority"}
+			case m.Class != "VM" && m.Class != "Host" && m.Class != "SR" && m.Class != "Pool" && m.Class != "VMPP" && m.Class != "VMSS" && m.Class != "PVS_proxy" && m.Class != "VDI" && m.Class != "Certificate":
+				fail = []string{"INVALID_VALUE", "cls", m.Class}
+			default:
+				s.msgs = append(s.msgs, m)
+				if s.msgLog != nil {
+					b, _ := json.Marshal(m)
+					_, _ = s.msgLog.Write(append(b, '\n'))
+				}
+				result = "OpaqueRef:message-" + strconv.Itoa(len(s.msgs))
+			}
+		} else {
+			fail = []string{"MESSAGE_PARAMETER_COUNT_MISMATCH", req.Method, "6", strconv.Itoa(len(req.Params))}
 		}
 	default:
 		fail = []string{"MESSAGE_METHOD_UNKNOWN", req.Method}

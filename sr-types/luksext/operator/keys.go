@@ -317,6 +317,9 @@ func (a *admin) rebind(ctx context.Context) (report, error) {
 	if err != nil {
 		return nil, err
 	}
+	if a.refresh(&t) == nil {
+		a.recordAutoUnlock(ctx, a.statusOf(ctx, t)) // healthy again once every binding unseals
+	}
 	return keyChange{SR: t.SRUUID, Device: t.Dev, Action: "rebind", Changed: true, NewKeyslot: intp(newSlot), OldKeyslots: []int{slot}, Policy: &view, AuthorisedBy: by, Settled: st,
 		Message: fmt.Sprintf("%s: %s re-sealed to the current state as keyslot %d (proven to unlock); keyslot %d removed.", t.describe(), view, newSlot, slot)}, nil
 }

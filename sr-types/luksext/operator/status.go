@@ -126,9 +126,34 @@ func (a *admin) status(ctx context.Context) (report, error) {
 	}
 	r := statusReport{SRs: []srStatus{}}
 	for _, t := range targets {
-		r.SRs = append(r.SRs, a.statusOf(ctx, t))
+		s := a.statusOf(ctx, t)
+		a.recordAutoUnlock(ctx, s)
+		r.SRs = append(r.SRs, s)
 	}
 	return r, nil
+}
+
+// recordAutoUnlock turns a status into the SR's health record (sr_health.go):
+// degraded while a binding does not unseal, healthy once all do. Run by
+// `luksext status` and after `luksext rebind`.
+func (a *admin) recordAutoUnlock(ctx context.Context, s srStatus) {
+	if !validUUID(s.SRUUID) || (s.State != "" && s.State != stateReady) {
+		return
+	}
+	var broken []string
+	for _, k := range s.Keyslots {
+		if k.Kind == "binding" && (k.Unseals == nil || !*k.Unseals) {
+			broken = append(broken, fmt.Sprintf("keyslot %d %s: %s", k.Keyslot, k.Policy, k.Error))
+		}
+	}
+	switch {
+	case len(broken) > 0:
+		a.markAutoUnlockBroken(ctx, s.SRUUID, "has key bindings that no longer unseal ("+strings.Join(broken, "; ")+")")
+	case s.UnlocksAutomatically:
+		a.markAutoUnlockWorking(ctx, s.SRUUID)
+	default:
+		a.markAutoUnlockBroken(ctx, s.SRUUID, "has no key binding: only the recovery passphrase opens it")
+	}
 }
 
 // allSRs finds luksext SR disks: every disk whose LUKS header names an SR

@@ -19,6 +19,7 @@ import (
 func main() {
 	socket := flag.String("socket", "/var/lib/xcp/xapi", "unix socket to listen on")
 	calls := flag.String("calls", "", "append the method name of every call to this file")
+	messages := flag.String("messages", "", "append every message.create as a JSON line to this file")
 	flag.Parse()
 	secrets := map[string]string{}
 	sc := bufio.NewScanner(os.Stdin)
@@ -40,6 +41,14 @@ func main() {
 			os.Exit(1)
 		}
 		srv.SetCallLog(f)
+	}
+	if *messages != "" {
+		f, err := os.OpenFile(*messages, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "fakexapi:", err)
+			os.Exit(1)
+		}
+		srv.SetMessageLog(f)
 	}
 	fmt.Println("ready")
 	sig := make(chan os.Signal, 1)
