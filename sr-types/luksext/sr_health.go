@@ -63,16 +63,16 @@ func (s *srService) readAutoUnlock(srUUID string) (autoUnlockState, bool) {
 // health is SR.stat's health for the SR. SMAPIv3 has no "Degraded"
 // (xen-api ocaml/xapi-storage/generator/lib/control.ml: Healthy,
 // Recovering, Unreachable, Unavailable; xapi-storage-script cannot parse
-// any other name, and SR.stat failing would fail the plug). A working SR
-// whose automatic unlock is broken is reported as Recovering — "busy
-// recovering", the state of a RAID that lost a mirror — with the reason in
-// words. xapi-storage-script's SR.scan2 (main.ml sr_scan2_impl) refuses an
-// SR that is not Healthy (SR_UNHEALTHY), so scans are refused until
-// `luksext rebind` repairs the binding; VMs, VDI create/snapshot and plug
-// keep working.
+// any other name, and SR.stat failing would fail the plug). Anything but
+// Healthy makes xapi-storage-script refuse SR.scan2 (main.ml
+// sr_scan2_impl: SR_UNHEALTHY), which would break rescans and storage
+// migration into an SR that works perfectly: a broken automatic unlock is
+// a risk for the next boot, not a fault now. So the state stays Healthy
+// and the reason says "Degraded: ..." in words; the XAPI message
+// LUKSEXT_AUTO_UNLOCK_BROKEN is what Xen Orchestra shows.
 func (s *srService) health(srUUID string) smapi.Health {
 	if st, ok := s.readAutoUnlock(srUUID); ok {
-		return smapi.Recovering("Degraded: " + st.Reason)
+		return smapi.Health{State: "Healthy", Reason: "Degraded: " + st.Reason}
 	}
 	return smapi.Healthy()
 }
