@@ -37,6 +37,17 @@ func (h *Host) LockSR(ctx context.Context, srUUID string) (func(), error) {
 // CandidateDisks lists the disks SR.probe would look at.
 func (h *Host) CandidateDisks() []string { return h.s.candidateDisks() }
 
+// MarkAutoUnlockBroken records that the SR cannot unlock by itself any
+// more (SR.stat's reason, and a XAPI message the first time).
+func (h *Host) MarkAutoUnlockBroken(ctx context.Context, srUUID, reason string) {
+	h.s.markAutoUnlockBroken(ctx, srUUID, reason)
+}
+
+// MarkAutoUnlockWorking clears that record once every binding unseals.
+func (h *Host) MarkAutoUnlockWorking(ctx context.Context, srUUID string) {
+	h.s.markAutoUnlockWorking(ctx, srUUID)
+}
+
 // StablePath is the /dev/disk/by-id name of dev that SR.create stores.
 func StablePath(dev, devDir string) string { return stablePath(dev, devDir) }
 

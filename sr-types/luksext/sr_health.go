@@ -5,12 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/luksext/luksext/plugins/durable"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/luksext/luksext/plugins/smapi"
-	"github.com/luksext/luksext/plugins/store"
 )
 
 // Automatic unlock can break while the SR keeps working: SR.attach fell
@@ -90,7 +90,7 @@ func (s *srService) markAutoUnlockBroken(ctx context.Context, srUUID, reason str
 	b, _ := json.Marshal(st)
 	if err := os.MkdirAll(filepath.Dir(s.healthPath(srUUID)), 0o700); err != nil {
 		log.WithError(err).Warn("could not record that automatic unlock is broken")
-	} else if err := store.WriteFileAtomic(s.healthPath(srUUID), b, 0o600); err != nil {
+	} else if err := durable.WriteFile(s.healthPath(srUUID), b, 0o600); err != nil {
 		log.WithError(err).Warn("could not record that automatic unlock is broken")
 	}
 	log.WithField("reason", reason).Warn("automatic unlock is broken; SR health is degraded until 'luksext rebind'")

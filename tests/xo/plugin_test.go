@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/luksext/luksext/tests/testenv"
+	"github.com/luksext/luksext/plugins/testenv"
 )
 
 const pluginDir = "../../packaging/xo/xo-server-luksext"

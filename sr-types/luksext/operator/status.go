@@ -133,11 +133,11 @@ func (a *admin) status(ctx context.Context) (report, error) {
 	return r, nil
 }
 
-// recordAutoUnlock turns a status into the SR's health record (sr_health.go):
+// recordAutoUnlock turns a status into the SR's health record (luksext.Host):
 // degraded while a binding does not unseal, healthy once all do. Run by
 // `luksext status` and after `luksext rebind`.
 func (a *admin) recordAutoUnlock(ctx context.Context, s srStatus) {
-	if !validUUID(s.SRUUID) || (s.State != "" && s.State != stateReady) {
+	if !luksext.ValidUUID(s.SRUUID) || (s.State != "" && s.State != luksext.StateReady) {
 		return
 	}
 	var broken []string
@@ -148,11 +148,11 @@ func (a *admin) recordAutoUnlock(ctx context.Context, s srStatus) {
 	}
 	switch {
 	case len(broken) > 0:
-		a.markAutoUnlockBroken(ctx, s.SRUUID, "has key bindings that no longer unseal ("+strings.Join(broken, "; ")+")")
+		a.MarkAutoUnlockBroken(ctx, s.SRUUID, "has key bindings that no longer unseal ("+strings.Join(broken, "; ")+")")
 	case s.UnlocksAutomatically:
-		a.markAutoUnlockWorking(ctx, s.SRUUID)
+		a.MarkAutoUnlockWorking(ctx, s.SRUUID)
 	default:
-		a.markAutoUnlockBroken(ctx, s.SRUUID, "has no key binding: only the recovery passphrase opens it")
+		a.MarkAutoUnlockBroken(ctx, s.SRUUID, "has no key binding: only the recovery passphrase opens it")
 	}
 }
 
