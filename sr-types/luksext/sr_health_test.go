@@ -3,6 +3,7 @@ package luksext
 import (
 	"context"
 	"encoding/json"
+	"github.com/luksext/luksext/plugins/fs"
 	"os"
 	"path/filepath"
 	"testing"
@@ -26,9 +27,14 @@ func TestAutoUnlockHealthAndMessages(t *testing.T) {
 	require.NoError(t, err)
 	defer srv.Close()
 	root := filepath.Join(dir, "sr-mount")
-	s := &srService{SRDeps{MountRoot: root, StateDir: filepath.Join(dir, "run"), Notify: xapi.New(sock, 5*time.Second)}.withDefaults()}
+	// SR.stat checks the SR handle: the SR listed as mounted from its
+	// mapping in a mountinfo-format file, as the kernel would show it.
+	mountinfo := filepath.Join(dir, "mountinfo")
+	s := &srService{SRDeps{MountRoot: root, StateDir: filepath.Join(dir, "run"), Notify: xapi.New(sock, 5*time.Second),
+		FS: &fs.FS{MountInfo: mountinfo}}.withDefaults()}
 	mnt := filepath.Join(root, srUUID)
 	require.NoError(t, writeSRMetaForTest(mnt, srUUID))
+	require.NoError(t, os.WriteFile(mountinfo, []byte("100 25 254:0 / "+mnt+" rw,relatime shared:80 - ext4 /dev/mapper/luksext-"+srUUID+" rw\n"), 0o600))
 	ctx := context.Background()
 	stat := func() smapi.Health {
 		st, err := s.stat(ctx, smapi.SRParams{SR: mnt})
