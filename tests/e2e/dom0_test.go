@@ -276,27 +276,21 @@ func (g *guest) dom0OperatorStory(t *testing.T, p dom0Profile) {
 	})
 	t.Run("kill -9 during a key removal converges", func(t *testing.T) {
 		// Rotate adds the new passphrase, proves it, then removes the old
-		// keyslot. Killed at a fixed delay, and right when the new keyslot
-		// opens (the removal is next): a way in remains, and the next run
-		// converges on exactly one passphrase keyslot.
+		// keyslot. Killed right when the new keyslot opens (the removal is
+		// next; one round, to keep the matrix within its CI budget): a way
+		// in remains, and the next run converges on exactly one passphrase
+		// keyslot.
 		newKey, oldKey := rotatedKey, recoveryKey
-		for round := 0; round < 2; round++ {
-			wait := "sleep 0.5"
-			if round == 1 {
-				wait = "for i in $(seq 3000); do cryptsetup open --test-passphrase --key-file " + newKey + " " + dev + " 2>/dev/null && break; sleep 0.01; done"
-			}
-			out := g.MustRun(t, fmt.Sprintf(`setsid %s/root/usr/sbin/luksext recovery rotate %s --new-key-file %s >/dev/null 2>>%s/luksext-killed.err &
+		wait := "for i in $(seq 3000); do cryptsetup open --test-passphrase --key-file " + newKey + " " + dev + " 2>/dev/null && break; sleep 0.01; done"
+		out := g.MustRun(t, fmt.Sprintf(`setsid %s/root/usr/sbin/luksext recovery rotate %s --new-key-file %s >/dev/null 2>>%s/luksext-killed.err &
 pid=$!; %s; kill -9 $pid 2>/dev/null && echo killed || echo finished; wait $pid 2>/dev/null; true`, g.work, adminSR, newKey, g.work, wait))
-			t.Logf("rotate: %s", strings.TrimSpace(out))
-			st, _ := g.dom0Status(t, adminSR)
-			assert.True(t, opens(t, oldKey) || opens(t, newKey) || st.SRs[0].UnlocksAutomatically, "a way in after the kill (%s)", wait)
-			mustExit(t, 0, "", "recovery", "rotate", adminSR, "--new-key-file", newKey)
-			assert.True(t, opens(t, newKey))
-			assert.False(t, opens(t, oldKey))
-			assert.Len(t, slotsOf(t, "passphrase", ""), 1, "no orphan passphrase keyslot")
-			newKey, oldKey = oldKey, newKey
-		}
-		require.True(t, opens(t, recoveryKey), "back to the original recovery passphrase")
+		t.Logf("rotate: %s", strings.TrimSpace(out))
+		st, _ := g.dom0Status(t, adminSR)
+		assert.True(t, opens(t, oldKey) || opens(t, newKey) || st.SRs[0].UnlocksAutomatically, "a way in after the kill")
+		mustExit(t, 0, "", "recovery", "rotate", adminSR, "--new-key-file", newKey)
+		assert.True(t, opens(t, newKey))
+		assert.False(t, opens(t, oldKey))
+		assert.Len(t, slotsOf(t, "passphrase", ""), 1, "no orphan passphrase keyslot")
 	})
 	t.Run("header backup restore", func(t *testing.T) {
 		// On the guest's own filesystem, as an administrator keeps it:
