@@ -113,7 +113,7 @@ func TestBenchVolumeCalls(t *testing.T) {
 
 	// An SR with 10 000 volumes: records written directly (same format as
 	// the store writes) and small sparse leaf files, to keep setup short.
-	sr := newSR(t).dir
+	sr := attachedSR(t, 512, 40000)
 	st := store.New(sr)
 	require.NoError(t, os.MkdirAll(st.Path("nodes"), 0o700))
 	var key string
