@@ -94,6 +94,11 @@ func timeCalls(t *testing.T, exe, method string, params []byte, n int) (time.Dur
 // same reads.
 func TestBenchVolumeCalls(t *testing.T) {
 	py := testenv.Tools(t, "python3")["python3"]
+	// the interpreter itself, not a version manager's shell shim in PATH
+	// (dom0 runs /usr/bin/python3 directly)
+	if exe, err := exec.Command(py, "-c", "import sys; print(sys.executable)").Output(); err == nil && len(bytes.TrimSpace(exe)) > 0 {
+		py = string(bytes.TrimSpace(exe))
+	}
 	goBin := testenv.Tools(t, "go")["go"]
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "volume")
