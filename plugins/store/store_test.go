@@ -56,11 +56,16 @@ func TestListFailsWhenSRIsGoneOrDamaged(t *testing.T) {
 // The helper process rewrites records as fast as it can until killed.
 func TestMain(m *testing.M) {
 	if dir := os.Getenv("STORE_TEST_WRITER"); dir != "" {
+		// Fixed valid ids (Put refuses others), rewritten again and again,
+		// one deleted and recreated.
 		s := New(dir)
 		for i := 0; ; i++ {
 			for k := 0; k < 4; k++ {
-				_ = s.Put(Node{ID: fmt.Sprintf("n%d", k), Format: FormatVHD, VirtualSize: int64(i),
+				_ = s.Put(Node{ID: fmt.Sprintf("00000000-0000-4000-8000-%012d", k), Format: FormatVHD, VirtualSize: int64(i),
 					VDI: &VDI{Name: strings.Repeat("x", i%3000)}})
+			}
+			if i%2 == 0 {
+				_ = s.Delete(fmt.Sprintf("00000000-0000-4000-8000-%012d", 3))
 			}
 		}
 	}
@@ -73,11 +78,17 @@ func TestRecordsSurviveKill9(t *testing.T) {
 		cmd := exec.Command(os.Args[0], "-test.run=^$")
 		cmd.Env = append(os.Environ(), "STORE_TEST_WRITER="+dir)
 		require.NoError(t, cmd.Start())
+		for start := time.Now(); time.Since(start) < 20*time.Second; time.Sleep(5 * time.Millisecond) {
+			if m, _ := filepath.Glob(filepath.Join(dir, MetaDir, "nodes", "*.json")); len(m) > 0 {
+				break // the writer is running (process start-up varies with load)
+			}
+		}
 		time.Sleep(time.Duration(50+round*37) * time.Millisecond)
 		require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
 		_ = cmd.Wait()
 		nodes, err := New(dir).List()
 		require.NoError(t, err, "round %d: every record readable after kill -9", round)
+		require.NotEmpty(t, nodes, "round %d: the writer wrote records", round)
 		for _, n := range nodes {
 			assert.Len(t, n.VDI.Name, int(n.VirtualSize%3000), "record %s is internally consistent", n.ID)
 		}

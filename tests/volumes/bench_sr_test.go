@@ -14,8 +14,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/sr-types/luksext"
-	"github.com/luksext/luksext/tests/testenv"
 )
 
 // attachedSR makes what SR.attach leaves behind, as far as SRCheck can
