@@ -47,8 +47,8 @@ type SRDeps struct {
 	// InUse lists the volumes of a mounted SR that VMs still use (from
 	// the datapath's state); nil means none can be.
 	InUse func(srMount string) ([]string, error)
-	// GC starts and stops the volume garbage collector of a mounted SR;
-	// nil until volumes provide one.
+	// GC starts and stops the volume garbage collector of a mounted SR
+	// (RealDeps: the volume binary as `volume gc <sr>`); nil runs none.
 	GC GCControl
 	// Notify posts XAPI messages on the SR (plugins/xapi); nil posts none.
 	Notify Notifier
