@@ -225,21 +225,13 @@ func (x Files) Reparent(ctx context.Context, child, parent string) error {
 
 // SetHidden marks a VHD as a hidden base copy (tapdisk's flag). qcow2 has
 // no standard equivalent; the SR metadata is authoritative anyway.
-func (x Files) SetHidden(path string) error {
-	if FormatOf(path) != store.FormatVHD {
-		return nil
-	}
-	img, err := vhd.Open(path, true)
-	if err != nil {
-		return err
-	}
-	defer img.Close()
-	return img.SetHidden(true)
-}
+func (x Files) SetHidden(path string) error { return setHidden(path, true) }
 
 // Unhide clears the hidden flag of a VHD (a base copy that becomes a
 // VDI's leaf again, by leaf-coalesce).
-func (x Files) Unhide(path string) error {
+func (x Files) Unhide(path string) error { return setHidden(path, false) }
+
+func setHidden(path string, hidden bool) error {
 	if FormatOf(path) != store.FormatVHD {
 		return nil
 	}
@@ -248,7 +240,7 @@ func (x Files) Unhide(path string) error {
 		return err
 	}
 	defer img.Close()
-	return img.SetHidden(false)
+	return img.SetHidden(hidden)
 }
 
 func tmpName(path string) string {
