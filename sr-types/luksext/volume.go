@@ -104,9 +104,6 @@ func (v *volumes) lock(ctx context.Context, path string, mode lock.Mode) (*lock.
 // SR handle.
 func (v *volumes) srLock(ctx context.Context, mode lock.Mode) (*lock.Lock, error) {
 	l, err := v.lock(ctx, srLockPath(v.st), mode)
-	if v.release == nil { // the GC's volumes hold no handle (it checks the SR each pass)
-		return l, err
-	}
 	if err != nil {
 		v.release()
 		return nil, err

@@ -232,7 +232,9 @@ func runGC(ctx context.Context, sr string, interval time.Duration, once bool, d 
 	if err := store.WriteJSON(gcPIDFile(st), os.Getpid()); err != nil {
 		return err
 	}
-	v := &volumes{d: d, st: st, log: log}
+	// The GC holds no SR handle (it checks the SR before each pass), so
+	// its volumes have none to release.
+	v := &volumes{d: d, st: st, log: log, release: func() {}}
 	c := v.collector(fault)
 	c.LiveLeafMax = gcLiveLeafMax(log)
 	// Volume operations a crashed call left journalled may hold a VM
