@@ -6,8 +6,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
-
-	"golang.org/x/sys/unix"
 )
 
 // LUKS1 keyslot destruction in Go.
@@ -45,12 +43,7 @@ func killLUKS1Slot(path string, slot int) error {
 	if err != nil {
 		return err
 	}
-	defer f.Close()
-	// The same advisory lock as the luksmeta writers: two of our own
-	// writers never interleave on one header.
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-		return fmt.Errorf("locking %s: %w", path, err)
-	}
+	defer f.Close() // openLUKS1 took the writers' lock
 	ks := h.v1.Keyslots[slot]
 	if ks.Active != luks1KeyslotOn {
 		return nil

@@ -147,6 +147,8 @@ func luksmetaLoad(path string, n int) (data []byte, uuid [16]byte, ok bool, err 
 	return data, s.UUID, true, nil
 }
 
+// openLUKS1 opens a LUKS1 device and reads its header; opened for
+// writing, it first takes the exclusive advisory lock of our writers.
 func openLUKS1(path string, flag int) (*os.File, *header, error) {
 	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
@@ -154,6 +156,15 @@ func openLUKS1(path string, flag int) (*os.File, *header, error) {
 			return nil, nil, fmt.Errorf("%s: %w", path, ErrDeviceNotFound)
 		}
 		return nil, nil, fmt.Errorf("opening %s: %w", path, err)
+	}
+	// Writers take the same advisory lock before reading the header, so
+	// two of our own writers never interleave on one header and none acts
+	// on a header read before another's change.
+	if flag&(os.O_WRONLY|os.O_RDWR) != 0 {
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+			f.Close()
+			return nil, nil, fmt.Errorf("locking %s: %w", path, err)
+		}
 	}
 	h, err := readHeaderFrom(f, path)
 	if err != nil {
@@ -176,9 +187,6 @@ func luksmetaSave(path string, n int, uuid [16]byte, data []byte) error {
 		return err
 	}
 	defer f.Close()
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-		return fmt.Errorf("locking %s: %w", path, err)
-	}
 	lm, start, length, err := readLuksmeta(f, h)
 	if errors.Is(err, errNoLuksmeta) {
 		lm = luksmetaHeader{}
@@ -245,9 +253,6 @@ func luksmetaWipe(path string, n int) error {
 		return err
 	}
 	defer f.Close()
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-		return fmt.Errorf("locking %s: %w", path, err)
-	}
 	lm, start, _, err := readLuksmeta(f, h)
 	if errors.Is(err, errNoLuksmeta) {
 		return nil
