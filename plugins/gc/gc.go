@@ -333,7 +333,7 @@ func (c *Collector) leafCoalesce(ctx context.Context, j journal, resume func(con
 	if j.Step == StepCopied {
 		// The parent's file replaces the leaf's (rename is atomic: the
 		// leaf's path always holds a whole chain).
-		there, err := exists(parent)
+		there, err := store.Exists(parent)
 		if err != nil {
 			return err
 		}
@@ -367,17 +367,6 @@ func (c *Collector) leafCoalesce(ctx context.Context, j journal, resume func(con
 	}
 	log.Info("leaf-coalesce finished")
 	return c.dropJournal()
-}
-
-func exists(path string) (bool, error) {
-	_, err := os.Stat(path)
-	if err == nil {
-		return true, nil
-	}
-	if errors.Is(err, os.ErrNotExist) {
-		return false, nil
-	}
-	return false, err
 }
 
 // runCoalesce takes a journalled coalesce from its recorded step to the end.

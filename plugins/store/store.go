@@ -295,3 +295,16 @@ func (s Store) JournalPending() (bool, error) {
 	}
 	return false, nil
 }
+
+// Exists reports whether path exists. A resumed journal step asks it of the
+// file a rename made (or was about to make); any other error is returned.
+func Exists(path string) (bool, error) {
+	_, err := os.Stat(path)
+	if err == nil {
+		return true, nil
+	}
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	return false, err
+}

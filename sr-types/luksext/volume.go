@@ -189,17 +189,6 @@ func (v *volumes) volumeOf(n store.Node, phys int64) smapi.Volume {
 	}
 }
 
-func exists(path string) (bool, error) {
-	_, err := os.Stat(path)
-	if err == nil {
-		return true, nil
-	}
-	if errors.Is(err, os.ErrNotExist) {
-		return false, nil
-	}
-	return false, err
-}
-
 // volumeMethods are the Volume.* implementations and SR.ls.
 func volumeMethods(d Deps) []smapi.Method {
 	vd := d.Volumes

@@ -132,7 +132,7 @@ func (v *volumes) finishSnapshot(ctx context.Context, j snapshotJournal) error {
 
 	// 1. the leaf becomes the base (the base name is fresh, so its existence
 	//    proves the rename happened)
-	baseThere, err := exists(basePath)
+	baseThere, err := store.Exists(basePath)
 	if err != nil {
 		return err
 	}
@@ -151,7 +151,7 @@ func (v *volumes) finishSnapshot(ctx context.Context, j snapshotJournal) error {
 	// 2. new empty leaves on top of the base (created under temporary names
 	//    and renamed, so existing means complete)
 	for _, path := range []string{leaf, newPath} {
-		there, err := exists(path)
+		there, err := store.Exists(path)
 		if err != nil {
 			return err
 		}
