@@ -35,9 +35,9 @@ type Invocation struct {
 //   - anything else: an SMAPIv3 method named by argv[0]'s basename
 //     (SR.create, Volume.snapshot, ...), or --list-methods.
 //
-// volume/main.go calls only this (and datapath/main.go only Datapath), and tests exec the built binary rather
-// than answering any of these modes themselves, so no mode can work in a
-// test and not in the product.
+// volume/main.go calls only this (and datapath/main.go only Datapath), and
+// tests exec the built binary rather than answering any of these modes
+// themselves, so no mode can work in a test and not in the product.
 func Volume(inv Invocation) int {
 	if filepath.Base(inv.Args[0]) == operator.Command {
 		return operator.Main(operator.Invocation(inv))
@@ -45,25 +45,22 @@ func Volume(inv Invocation) int {
 	if len(inv.Args) > 1 && inv.Args[1] == luksext.GCCommand {
 		return luksext.RunGC(inv.Args[2:])
 	}
-	log := logging.New(logging.Options{Plugin: "volume", Stderr: inv.Stderr, Syslog: true})
-	table := luksext.VolumeTable(luksext.RealDeps(log))
-	if len(inv.Args) > 1 && inv.Args[1] == "--list-methods" {
-		fmt.Fprintln(inv.Stdout, strings.Join(table.Names(), "\n"))
-		return 0
-	}
-	return smapi.Main(context.Background(), smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify, Log: log},
-		smapi.Invocation{Args: inv.Args, Stdin: inv.Stdin, Stdout: inv.Stdout})
+	return serve(inv, "volume", luksext.VolumeTable)
 }
 
 // Datapath is the whole main of the datapath binary: an SMAPIv3 Datapath.*
 // method named by argv[0]'s basename, or --list-methods.
-func Datapath(inv Invocation) int {
-	log := logging.New(logging.Options{Plugin: "datapath", Stderr: inv.Stderr, Syslog: true})
-	table := luksext.DatapathTable(luksext.RealDeps(log))
+func Datapath(inv Invocation) int { return serve(inv, "datapath", luksext.DatapathTable) }
+
+// serve answers one SMAPIv3 call of the plugin kind (or --list-methods,
+// which the install layout and the RPM use to make the method symlinks).
+func serve(inv Invocation, kind string, tableOf func(luksext.Deps) smapi.Table) int {
+	log := logging.New(logging.Options{Plugin: kind, Stderr: inv.Stderr, Syslog: true})
+	table := tableOf(luksext.RealDeps(log))
 	if len(inv.Args) > 1 && inv.Args[1] == "--list-methods" {
 		fmt.Fprintln(inv.Stdout, strings.Join(table.Names(), "\n"))
 		return 0
 	}
-	return smapi.Main(context.Background(), smapi.Plugin{Kind: "datapath", Table: table, Classify: luksext.Classify, Log: log},
+	return smapi.Main(context.Background(), smapi.Plugin{Kind: kind, Table: table, Classify: luksext.Classify, Log: log},
 		smapi.Invocation{Args: inv.Args, Stdin: inv.Stdin, Stdout: inv.Stdout})
 }
