@@ -1,7 +1,8 @@
 // Package datapath tests the luksext datapath plugin against the fake
 // tap-ctl (tests/fakes/tapctl): on the host with the fake's "none" backend
-// (no root, no nbd), and in a VM where the fake serves images as real
-// block devices through qemu-nbd. Its helpers are exported so end-to-end
+// (no root, no nbd), and in a VM where the fake's tapdisk serves images as
+// real /dev/nbdN block devices (VHD chains itself, qcow2 through a private
+// qemu-nbd, raw directly). Its helpers are exported so end-to-end
 // tests (an SR on LUKS, then a VM disk on it) can install the same pieces
 // in their own guests.
 package datapath

@@ -2,33 +2,69 @@
 // tapdisk (Debian, CI). It keeps tap-ctl's command-line contract and its
 // output when stdout is not a tty (control/tap-ctl.c): `spawn` prints a
 // pid, `allocate` prints /dev/xen/blktap-2/tapdevN, `list` prints
-// "pid=N minor=N state=0xN args=type:path" lines, failures exit with an
-// errno value and print strerror on stderr.
-//
-// Inside a VM (backend "nbd", the default) `open` serves the image as a
-// real block device with `qemu-nbd --connect=/dev/nbdN` (vhd -> qemu's vpc
-// driver, qcow2, aio -> raw) and tapdevN is a symlink to /dev/nbdN from
-// allocate to free, so reads and writes through the tapdev reach the
-// image file. With TAPCTL_FAKE_BACKEND=none (no nbd, no root: host tests)
-// tapdevN is a symlink to the image file itself while it is open.
+// "pid=N minor=N state=0xN args=type:path" lines (state 0x20 while
+// paused, 0x200 added after a failed resume: drivers/tapdisk-vbd.h),
+// failures exit with an errno value and print it on stderr; `pause` and
+// `unpause` return tap_ctl_pause's negative errno, so they exit with
+// 256-errno (EINVAL, exit 22, only for a usage error).
 //
 // "Tapdisks" are real long-lived processes (this binary re-executed as
 // __tapdisk, in its own session, stdio on /dev/null): a caller that made
 // them inherit its pipes would hang, as with the real tapdisk. Like
-// tapdisk, one exits when its last device is detached.
+// tapdisk, one exits when its last device is detached, and tap-ctl talks
+// to it over a control socket (TAPCTL_FAKE_STATE/ctl<pid>).
+//
+// Like tapdisk, the fake tapdisk opens the image itself and keeps it open
+// (a rename does not redirect its writes) and serves it as a block device:
+//   - vhd: the chain read through plugins/vhd (each sector from the nearest
+//     image holding it, partly written blocks right), writes to the leaf;
+//   - qcow2: a private qemu-nbd (qemu follows qcow2 backing files) on a
+//     unix socket, reached as an NBD client;
+//   - aio: the raw file.
+//
+// `pause` waits for the request in flight, flushes and closes the image;
+// requests arriving while paused wait (they are not failed) until
+// `unpause`, which reopens the same image or the one given with
+// `-a type:/path`, refusing another size (EMEDIUMTYPE, as
+// tapdisk_vbd_resume) and then leaving the device paused. `pause -t SECS`
+// bounds the wait for the tapdisk's answer (ETIMEDOUT).
+//
+// Backends (TAPCTL_FAKE_BACKEND):
+//   - nbd (default, in a VM): tapdevN is a symlink to /dev/nbdN from
+//     allocate to free; open binds /dev/nbdN to the fake tapdisk with the
+//     kernel nbd driver's ioctls (NBD_SET_SOCK/NBD_DO_IT on a socketpair),
+//     so the device's I/O is the tapdisk's.
+//   - socket (host tests, no root): the same image drivers, served only
+//     over NBD on TAPCTL_FAKE_STATE/nbd<minor>.sock (tapdevN links to it).
+//   - none (no root, no image drivers: the datapath host tests open
+//     files that are not images): tapdevN is a symlink to the image file
+//     while it is open; pause and unpause only keep the bookkeeping.
+//
+// With nbd, an open device is also served on nbd<minor>.sock (qemu-io,
+// qemu-img: nbd+unix:///?socket=...).
+//
+// What real tapdisk does differently: it is one process per VBD with a
+// blkback/tapback ring (vbd3) instead of a kernel nbd device; it runs its
+// requests asynchronously (aio), many in flight; it has its own VHD code
+// (libvhd, with batmap, keyhash and the preallocation modes) and, in
+// XCP-ng's builds, a qcow2 driver; pause also quiesces the ring and the
+// NBD servers it offers; unpause supports -2 secondary and -c log layers
+// (not here: EINVAL); it fails requests after TD_VBD_REQUEST_TIMEOUT
+// (120 s) where the fake waits for ever; and its VHD reads of a corrupt
+// chain fail where the fake reports EIO.
 //
 // Environment: TAPCTL_FAKE_STATE (state directory, default
-// /run/tap-ctl-fake), TAPCTL_FAKE_BACKEND (nbd|none), TAPCTL_FAKE_DEVDIR
-// (default /dev/xen/blktap-2).
+// /run/tap-ctl-fake), TAPCTL_FAKE_BACKEND (nbd|socket|none),
+// TAPCTL_FAKE_DEVDIR (default /dev/xen/blktap-2).
 package main
 
 import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -38,12 +74,19 @@ import (
 )
 
 type minor struct {
-	PID      int    `json:"pid,omitempty"`
-	Type     string `json:"type,omitempty"`
-	Path     string `json:"path,omitempty"`
-	ReadOnly bool   `json:"ro,omitempty"`
-	NBDPID   int    `json:"nbd_pid,omitempty"`
+	PID          int    `json:"pid,omitempty"`
+	Type         string `json:"type,omitempty"`
+	Path         string `json:"path,omitempty"`
+	ReadOnly     bool   `json:"ro,omitempty"`
+	Paused       bool   `json:"paused,omitempty"`
+	ResumeFailed bool   `json:"resume_failed,omitempty"`
 }
+
+// VBD state bits tap-ctl list prints (blktap drivers/tapdisk-vbd.h).
+const (
+	vbdPaused       = 0x0020
+	vbdResumeFailed = 0x0200
+)
 
 type state struct {
 	Tapdisks []int          `json:"tapdisks"`
@@ -55,12 +98,15 @@ type state struct {
 type errnoError struct {
 	code syscall.Errno
 	msg  string
+	// negative: the command returns -errno, so the process exits with
+	// 256-errno (tap-ctl pause/unpause return tap_ctl_pause's -err).
+	negative bool
 }
 
 func (e errnoError) Error() string { return e.msg + ": " + e.code.Error() }
 
 func fail(code syscall.Errno, format string, args ...any) error {
-	return errnoError{code, fmt.Sprintf(format, args...)}
+	return errnoError{code: code, msg: fmt.Sprintf(format, args...)}
 }
 
 func env(k, def string) string {
@@ -91,17 +137,13 @@ func main() {
 		fmt.Fprintln(os.Stderr, err.Error())
 		var en errnoError
 		if errors.As(err, &en) {
+			if en.negative {
+				os.Exit(256 - int(en.code))
+			}
 			os.Exit(int(en.code))
 		}
 		os.Exit(1)
 	}
-}
-
-// tapdisk is the fake daemon: it only has to exist until told to stop.
-func tapdisk() {
-	ch := make(chan os.Signal, 1)
-	signal.Notify(ch, syscall.SIGTERM, syscall.SIGINT)
-	<-ch
 }
 
 func run(cmd string, args []string) (string, error) {
@@ -136,6 +178,7 @@ type flags struct {
 	pid, minor int
 	args       string
 	readOnly   bool
+	timeout    time.Duration
 }
 
 func parseFlags(args []string) (flags, error) {
@@ -163,6 +206,12 @@ func parseFlags(args []string) (flags, error) {
 			f.args, err = next()
 		case "-R":
 			f.readOnly = true
+		case "-t":
+			var secs int
+			if v, err = next(); err == nil {
+				secs, err = strconv.Atoi(v)
+				f.timeout = time.Duration(secs) * time.Second
+			}
 		default:
 			err = fail(syscall.EINVAL, "unsupported option %s", args[i])
 		}
@@ -260,13 +309,28 @@ func (st *state) do(cmd string, f flags) (string, error) {
 		_ = os.Remove(devPath(f.minor))
 		delete(st.Minors, f.minor)
 		return "", nil
-	case "attach", "open", "close", "detach":
+	case "attach", "open", "close", "detach", "pause", "unpause":
 	default:
 		return "", fail(syscall.EINVAL, "invalid COMMAND %s", cmd)
 	}
 	if f.pid < 0 || f.minor < 0 {
 		return "", fail(syscall.EINVAL, "usage: %s <-p pid> <-m minor>", cmd)
 	}
+	if cmd == "pause" || cmd == "unpause" {
+		out, err := st.attached(cmd, f)
+		var en errnoError
+		if errors.As(err, &en) {
+			en.negative = true
+			en.msg = cmd + " failed: " + en.msg
+			err = en
+		}
+		return out, err
+	}
+	return st.attached(cmd, f)
+}
+
+// attached runs the commands that address a tapdisk's minor.
+func (st *state) attached(cmd string, f flags) (string, error) {
 	if !st.hasTapdisk(f.pid) {
 		return "", fail(syscall.ENOENT, "no tapdisk with pid %d", f.pid)
 	}
@@ -292,7 +356,9 @@ func (st *state) do(cmd string, f flags) (string, error) {
 		if m.PID != f.pid || m.Path == "" {
 			return "", fail(syscall.EINVAL, "minor %d has nothing open in tapdisk %d", f.minor, f.pid)
 		}
-		return "", closeImage(f.minor, m)
+		return "", closeImage(f.pid, f.minor, m)
+	case "pause", "unpause":
+		return "", pauseOrUnpause(cmd, m, f)
 	case "detach":
 		if m.PID != f.pid {
 			return "", fail(syscall.EINVAL, "minor %d is not attached to tapdisk %d", f.minor, f.pid)
@@ -311,18 +377,6 @@ func (st *state) do(cmd string, f flags) (string, error) {
 		st.waitGone(f.pid)
 	}
 	return "", nil
-}
-
-// running reports whether pid exists and is not a zombie: the servers
-// qemu-nbd forks are reparented to init, which may reap them late.
-func running(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
 }
 
 func (st *state) waitGone(pid int) {
@@ -351,7 +405,12 @@ func (st *state) spawn() (string, error) {
 	}
 	pid := c.Process.Pid
 	_ = c.Process.Release()
-	for i := 0; i < 100 && !alive(pid); i++ {
+	// Ready when it answers on its control socket, as tap-ctl spawn
+	// returns once tapdisk has created its control socket.
+	for i := 0; i < 500; i++ {
+		if _, err := os.Stat(ctlSocket(pid)); err == nil {
+			break
+		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	st.Tapdisks = append(st.Tapdisks, pid)
@@ -391,12 +450,11 @@ func (st *state) allocate() (string, error) {
 	return devPath(n) + "\n", nil
 }
 
-var qemuFormats = map[string]string{"vhd": "vpc", "qcow2": "qcow2", "aio": "raw"}
+var diskTypes = map[string]bool{"vhd": true, "qcow2": true, "aio": true}
 
 func (st *state) open(n int, m *minor, f flags) error {
 	typ, path, ok := strings.Cut(f.args, ":")
-	format := qemuFormats[typ]
-	if !ok || format == "" {
+	if !ok || !diskTypes[typ] {
 		return fail(syscall.ENOENT, "unknown disk type in %q", f.args)
 	}
 	if _, err := os.Stat(path); err != nil {
@@ -409,60 +467,111 @@ func (st *state) open(n int, m *minor, f flags) error {
 			return err
 		}
 	default:
-		args := []string{"--connect=" + fmt.Sprintf("/dev/nbd%d", n), "-f", format}
-		if f.readOnly {
-			args = append(args, "--read-only")
-		}
-		args = append(args, path)
-		log, err := os.OpenFile(filepath.Join(stateDir, fmt.Sprintf("nbd%d.log", n)), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-		if err != nil {
+		req := ctlRequest{Op: "open", Minor: n, Type: typ, Path: path, ReadOnly: f.readOnly, Kernel: backend == "nbd"}
+		if err := tell(f.pid, req, 0); err != nil {
 			return err
 		}
-		defer log.Close()
-		c := exec.Command("qemu-nbd", args...)
-		// qemu-nbd --connect forks its server; it must hold the log, not
-		// our caller's pipes.
-		c.Stdout, c.Stderr = log, log
-		if err := c.Run(); err != nil {
-			b, _ := os.ReadFile(log.Name())
-			return fail(syscall.EIO, "qemu-nbd %s: %v: %s", strings.Join(args, " "), err, b)
-		}
-		pidFile := fmt.Sprintf("/sys/block/nbd%d/pid", n)
-		for i := 0; i < 250; i++ {
-			if b, err := os.ReadFile(pidFile); err == nil {
-				m.NBDPID, _ = strconv.Atoi(strings.TrimSpace(string(b)))
-				break
+		if backend == "socket" {
+			_ = os.Remove(devPath(n))
+			if err := os.Symlink(nbdSocket(n), devPath(n)); err != nil {
+				return err
 			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		if m.NBDPID == 0 {
-			return fail(syscall.EIO, "/dev/nbd%d did not connect", n)
 		}
 	}
 	m.Type, m.Path, m.ReadOnly = typ, path, f.readOnly
+	m.Paused, m.ResumeFailed = false, false
 	return nil
 }
 
-func closeImage(n int, m *minor) error {
+// tell sends req to tapdisk pid and returns its answer as an errno error.
+func tell(pid int, req ctlRequest, timeout time.Duration) error {
+	c, err := net.Dial("unix", ctlSocket(pid))
+	if err != nil {
+		return fail(syscall.ECONNREFUSED, "tapdisk %d: %v", pid, err)
+	}
+	defer c.Close()
+	if timeout > 0 {
+		_ = c.SetDeadline(time.Now().Add(timeout))
+	}
+	if err := json.NewEncoder(c).Encode(req); err != nil {
+		return fail(syscall.EIO, "tapdisk %d: %v", pid, err)
+	}
+	var resp ctlResponse
+	if err := json.NewDecoder(c).Decode(&resp); err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return fail(syscall.ETIMEDOUT, "tapdisk %d did not answer %s in %s", pid, req.Op, timeout)
+		}
+		return fail(syscall.EIO, "tapdisk %d: %v", pid, err)
+	}
+	if resp.Errno != 0 {
+		return fail(syscall.Errno(resp.Errno), "%s", resp.Msg)
+	}
+	return nil
+}
+
+func closeImage(pid, n int, m *minor) error {
 	switch backend {
 	case "none":
 		_ = os.Remove(devPath(n))
 	default:
-		dev := fmt.Sprintf("/dev/nbd%d", n)
-		if out, err := exec.Command("qemu-nbd", "--disconnect", dev).CombinedOutput(); err != nil {
-			return fail(syscall.EIO, "qemu-nbd --disconnect %s: %v: %s", dev, err, out)
+		// Returns once the kernel flushed, the clients are gone and the
+		// image is flushed and closed, as tapdisk's close does.
+		if err := tell(pid, ctlRequest{Op: "close", Minor: n}, 0); err != nil && !errors.Is(err, syscall.ENODEV) {
+			return err
 		}
-		// The image is complete on disk only once the server has flushed
-		// and exited: wait for it, as tapdisk's close returns after flush.
-		for i := 0; i < 1500 && running(m.NBDPID); i++ {
-			time.Sleep(20 * time.Millisecond)
+		if backend == "socket" {
+			_ = os.Remove(devPath(n))
 		}
-		if running(m.NBDPID) {
-			return fail(syscall.EBUSY, "qemu-nbd %d serving %s did not exit", m.NBDPID, dev)
-		}
-		m.NBDPID = 0
 	}
-	m.Type, m.Path, m.ReadOnly = "", "", false
+	m.Type, m.Path, m.ReadOnly, m.Paused, m.ResumeFailed = "", "", false, false, false
+	return nil
+}
+
+// pauseOrUnpause: pause drains, flushes and closes the image and holds
+// later I/O; unpause reopens the same image or the -a one.
+func pauseOrUnpause(cmd string, m *minor, f flags) error {
+	if m.PID != f.pid {
+		return fail(syscall.ENODEV, "minor %d is not attached to tapdisk %d", f.minor, f.pid)
+	}
+	if m.Path == "" {
+		return fail(syscall.ENODEV, "minor %d has no image open", f.minor)
+	}
+	req := ctlRequest{Op: cmd, Minor: f.minor}
+	if cmd == "unpause" {
+		if !m.Paused {
+			return fail(syscall.EINVAL, "minor %d is not paused", f.minor)
+		}
+		if f.args != "" {
+			typ, path, ok := strings.Cut(f.args, ":")
+			if !ok || !diskTypes[typ] {
+				return fail(syscall.EINVAL, "unknown disk type in %q", f.args)
+			}
+			req.Type, req.Path = typ, path
+		}
+	}
+	if backend != "none" {
+		if err := tell(f.pid, req, f.timeout); err != nil {
+			if cmd == "unpause" && !errors.Is(err, syscall.EINVAL) {
+				m.ResumeFailed = true
+			}
+			return err
+		}
+	} else if req.Path != "" {
+		if _, err := os.Stat(req.Path); err != nil {
+			m.ResumeFailed = true
+			return fail(syscall.ENOENT, "%s: %v", req.Path, err)
+		}
+	}
+	m.Paused = cmd == "pause"
+	m.ResumeFailed = false
+	if req.Path != "" {
+		m.Type, m.Path = req.Type, req.Path
+		if backend == "none" {
+			_ = os.Remove(devPath(f.minor))
+			_ = os.Symlink(m.Path, devPath(f.minor))
+		}
+	}
 	return nil
 }
 
@@ -485,7 +594,7 @@ func (st *state) list(f flags) string {
 		case m.Path == "":
 			lines = append(lines, fmt.Sprintf("pid=%d minor=%d state=0", m.PID, n))
 		default:
-			lines = append(lines, fmt.Sprintf("pid=%d minor=%d state=0 args=%s:%s", m.PID, n, m.Type, m.Path))
+			lines = append(lines, fmt.Sprintf("pid=%d minor=%d state=%s args=%s:%s", m.PID, n, m.state(), m.Type, m.Path))
 		}
 		seen[m.PID] = true
 	}
@@ -498,4 +607,19 @@ func (st *state) list(f flags) string {
 		return ""
 	}
 	return strings.Join(lines, "\n") + "\n"
+}
+
+// state is the VBD state as tap-ctl prints it (printf "%#x").
+func (m *minor) state() string {
+	v := 0
+	if m.Paused {
+		v |= vbdPaused
+	}
+	if m.ResumeFailed {
+		v |= vbdResumeFailed
+	}
+	if v == 0 {
+		return "0"
+	}
+	return fmt.Sprintf("%#x", v)
 }
