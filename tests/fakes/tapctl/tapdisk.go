@@ -16,6 +16,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/luksext/luksext/plugins/tapdisk/tapdiskfake"
 	"github.com/luksext/luksext/plugins/vhd"
 )
 
@@ -254,9 +255,15 @@ type tapdiskServer struct {
 func tapdisk() {
 	s := &tapdiskServer{vbds: map[int]*vbd{}}
 	tdLog, _ = os.OpenFile(filepath.Join(stateDir, fmt.Sprintf("tapdisk%d.log", os.Getpid())), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	// The socket appears under its name only once it listens (bind, listen,
+	// rename): tap-ctl spawn returns when the name exists, and a connect
+	// between bind and listen would be refused.
 	sock := ctlSocket(os.Getpid())
-	_ = os.Remove(sock)
-	l, err := net.Listen("unix", sock)
+	_ = os.Remove(sock + ".new")
+	l, err := net.Listen("unix", sock+".new")
+	if err == nil {
+		err = os.Rename(sock+".new", sock)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "tapdisk:", err)
 		os.Exit(1)
@@ -290,11 +297,11 @@ func (s *tapdiskServer) control(c net.Conn) {
 	if err != nil {
 		resp.Msg = err.Error()
 		resp.Errno = int(syscall.EIO)
-		var en errnoError
+		var en *tapdiskfake.Errno
 		var sys syscall.Errno
 		switch {
 		case errors.As(err, &en):
-			resp.Errno = int(en.code)
+			resp.Errno = int(en.Code)
 		case errors.As(err, &sys):
 			resp.Errno = int(sys)
 		}
