@@ -16,9 +16,11 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/luksext/luksext/plugins/image"
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/smapi/smapitest"
 	"github.com/luksext/luksext/plugins/testenv"
+	"github.com/luksext/luksext/plugins/vhd"
 	"github.com/luksext/luksext/tests/datapath"
 	"github.com/luksext/luksext/tests/vm"
 )
@@ -44,14 +46,13 @@ const (
 	lifeSR      = "3c1e9a52-7d4b-4f0e-9a61-5b2c8d7e6f10"
 	lifeRegion  = 1 << 20 // the writer's region starts here ...
 	lifeRegionN = 2 << 20 // ... and spans two VHD blocks, partly
-	// Backups per format. Each costs ~20-30 s of plugin calls and dom0
-	// attaches under TCG; the issue asks for ten nightly backups, but what
-	// can break shows by the third: backup 1 is a snapshot of a one-image
+	// Backups per format, each ~20 s of plugin calls and dom0 attaches
+	// under TCG. VHD (the default format) gets the ten nightly backups;
+	// qcow2 (the same volume logic over another image format) 3, which is
+	// where what can break shows: backup 1 is a snapshot of a one-image
 	// chain, 2 the first destroy of a previous snapshot (a hidden base for
-	// the GC), 3+ repeat the steady state. VHD (the default format) gets 5,
-	// qcow2 (the same volume logic over another image format) 3, so the
-	// test stays within ~8 min of CI on 2 cores.
-	lifeBackupsVHD   = 5
+	// the GC), 3+ the steady state.
+	lifeBackupsVHD   = 10
 	lifeBackupsQcow2 = 3
 )
 
@@ -408,8 +409,8 @@ func (l *life) resetOnBoot(t *testing.T) {
 }
 
 // files are the SR's image files and node records, and each VDI's chain
-// depth as read from the files (vhd-util query -p, qemu-img info).
-func (l *life) files(t *testing.T) (images, records []string, depth map[string]int) {
+// as read from the files (vhd-util query -p, qemu-img info), leaf first.
+func (l *life) files(t *testing.T) (images, records []string, chains map[string][]string) {
 	out := l.g.MustRun(t, fmt.Sprintf(`cd %s && ls -1A | grep -vxE 'lost\+found|\.luksext|luksext-sr\.json' | tr '\n' ' '; echo; ls -1 .luksext/nodes | tr '\n' ' '`, l.sr))
 	lines := strings.SplitN(out, "\n", 2)
 	images = strings.Fields(lines[0])
@@ -420,29 +421,37 @@ func (l *life) files(t *testing.T) (images, records []string, depth map[string]i
 	}
 	var vols []smapi.Volume
 	l.g.ok(t, "SR.ls", map[string]any{"dbg": "life", "sr": l.sr}, &vols)
-	depth = map[string]int{}
+	chains = map[string][]string{}
 	for _, v := range vols {
 		file := strings.TrimPrefix(v.URI[0], "luksext://")
 		var script string
 		if strings.HasSuffix(file, ".vhd") {
-			script = fmt.Sprintf(`f=%s; n=1; while p=$(%s/vhd-util query -n "$f" -p 2>/dev/null) && [ -n "$p" ] && [ "${p#*has no parent}" = "$p" ]; do f=$p; n=$((n+1)); [ $n -gt 40 ] && break; done; echo $n`, file, l.dom0)
+			script = fmt.Sprintf(`f=%s; n=1; echo "$f"; while p=$(%s/vhd-util query -n "$f" -p 2>/dev/null) && [ -n "$p" ] && [ "${p#*has no parent}" = "$p" ]; do f=$p; echo "$f"; n=$((n+1)); [ $n -gt 40 ] && break; done`, file, l.dom0)
 		} else {
-			script = fmt.Sprintf(`qemu-img info -U --backing-chain --output=json %s | grep -c '"filename"'`, file)
+			script = fmt.Sprintf(`qemu-img info -U --backing-chain --output=json %s | sed -n 's/^ *"filename": "\(.*\)",*$/\1/p'`, file)
 		}
-		n, err := strconv.Atoi(strings.TrimSpace(l.g.MustRun(t, script)))
-		require.NoError(t, err)
-		depth[v.Key] = n
+		seen := map[string]bool{} // newer qemu-img also names each node's protocol file
+		for _, f := range strings.Fields(l.g.MustRun(t, script)) {
+			if f = filepath.Base(f); !seen[f] {
+				seen[f] = true
+				chains[v.Key] = append(chains[v.Key], f)
+			}
+		}
+		require.NotEmpty(t, chains[v.Key], "the chain of %s", file)
 	}
-	return images, records, depth
+	return images, records, chains
 }
 
+// settled: every image has a record and every record an image, every
+// VDI's chain is at most 2 images deep, and every image belongs to a
+// VDI's chain (no hidden base left that nothing reads).
 func (l *life) settled(t *testing.T) (bool, string) {
-	images, records, depth := l.files(t)
+	images, records, chains := l.files(t)
+	why := fmt.Sprintf("images %v, records %v, chains %v", images, records, chains)
 	var ids []string
 	for _, f := range images {
 		ids = append(ids, strings.TrimSuffix(strings.TrimSuffix(f, ".vhd"), ".qcow2"))
 	}
-	why := fmt.Sprintf("images %v, records %v, depths %v", images, records, depth)
 	if len(ids) != len(records) {
 		return false, why
 	}
@@ -455,8 +464,17 @@ func (l *life) settled(t *testing.T) (bool, string) {
 			return false, why
 		}
 	}
-	for _, d := range depth {
-		if d > 2 {
+	used := map[string]bool{}
+	for _, c := range chains {
+		if len(c) > 2 {
+			return false, why
+		}
+		for _, f := range c {
+			used[f] = true
+		}
+	}
+	for _, f := range images {
+		if !used[f] {
 			return false, why
 		}
 	}
@@ -506,13 +524,16 @@ func (l *life) gcConverges(t *testing.T, cfg map[string]string) {
 	// Nothing holds space outside the files (a deleted image kept open by
 	// a process, a leaked temporary): df agrees with du within 1 MiB.
 	assert.LessOrEqual(t, used, l.used0+sum+1<<10, "df counts no space beyond the SR's files")
-	// Each VDI left holds its data and no more than 1 MiB of metadata
-	// besides: the writer's region is 2 MiB, which spans two whole 2 MiB
-	// VHD blocks, and 32 qcow2 clusters of 64 KiB.
+	// Each VDI left holds its data and its metadata, no more: the writer's
+	// region is 2 MiB, which spans two whole 2 MiB VHD blocks (the VHD
+	// also carries a block table sized for VHD's 2040 GiB maximum, 4 bytes
+	// a block, as vhd-util snapshot -S does, so that it can grow online),
+	// and 32 qcow2 clusters of 64 KiB; 1 MiB for headers and bitmaps.
+	vhdBAT := int64(image.VHDMax/vhd.BlockSize*4) >> 10
 	for f, k := range du {
 		switch {
 		case strings.HasSuffix(f, ".vhd"):
-			assert.LessOrEqual(t, k, int64(4<<10+1<<10), "VHD %s holds its two blocks and little else", f)
+			assert.LessOrEqual(t, k, 4<<10+vhdBAT+1<<10, "VHD %s holds its two blocks and its block table, and little else", f)
 		case strings.HasSuffix(f, ".qcow2"):
 			assert.LessOrEqual(t, k, int64(lifeRegionN>>10+1<<10), "qcow2 %s holds its written clusters and little else", f)
 		}
