@@ -50,6 +50,9 @@ func (s *sr) lsAgrees(what string) {
 	sort.Slice(want, func(i, j int) bool { return want[i].Key < want[j].Key })
 	sort.Slice(have, func(i, j int) bool { return have[i].Key < have[j].Key })
 	require.Equal(t, want, have, "%s: SR.ls says what the records and images say", what)
+	// SR.ls left a current listing cache, which the next change must
+	// make stale: every step of the tests below checks that it does.
+	require.True(t, store.New(s.dir).ListingCurrent(), "%s: SR.ls saved its listing cache", what)
 }
 
 // SR.ls stays true to the records and the images through every call that changes a
