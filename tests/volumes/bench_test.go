@@ -204,9 +204,11 @@ func remount(t *testing.T, mnt string) {
 	t.Helper()
 	b, err := os.ReadFile("/proc/self/mounts")
 	require.NoError(t, err)
+	real, err := filepath.EvalSymlinks(mnt) // /var/run is a link to /run
+	require.NoError(t, err)
 	var src string
 	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) > 2 && f[1] == mnt {
+		if f := strings.Fields(l); len(f) > 2 && (f[1] == mnt || f[1] == real) {
 			src = f[0]
 		}
 	}
