@@ -174,7 +174,7 @@ func EncodeResult(v any) ([]byte, error) {
 		// by hand: SR.ls at thousands of volumes (volume_json.go)
 		return append(appendVolumes(make([]byte, 0, 360*len(v)+2), v), '\n'), nil
 	case Volume:
-		return append(appendVolume(make([]byte, 0, 512), &v), '\n'), nil
+		return append(appendVolume(make([]byte, 0, 512), &v, ""), '\n'), nil
 	}
 	b, err := json.Marshal(v)
 	if err != nil {

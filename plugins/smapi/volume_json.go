@@ -20,7 +20,12 @@ import (
 type StreamResult func(w io.Writer) error
 
 // AppendVolume appends v's JSON encoding to b: json.Marshal(v), faster.
-func AppendVolume(b []byte, v *Volume) []byte { return appendVolume(b, v) }
+func AppendVolume(b []byte, v *Volume) []byte { return appendVolume(b, v, "") }
+
+// AppendVolumeKeysJSON is AppendVolume with v.Keys replaced by keys, a
+// JSON object already encoded (as encoding/json encodes the map: the
+// store keeps the keys of every volume so for SR.ls).
+func AppendVolumeKeysJSON(b []byte, v *Volume, keys string) []byte { return appendVolume(b, v, keys) }
 
 // appendVolumes appends the JSON array of vs.
 func appendVolumes(b []byte, vs []Volume) []byte {
@@ -32,12 +37,12 @@ func appendVolumes(b []byte, vs []Volume) []byte {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = appendVolume(b, &vs[i])
+		b = appendVolume(b, &vs[i], "")
 	}
 	return append(b, ']')
 }
 
-func appendVolume(b []byte, v *Volume) []byte {
+func appendVolume(b []byte, v *Volume, rawKeys string) []byte {
 	b = append(b, `{"key":`...)
 	b = appendString(b, v.Key)
 	if v.UUID != nil {
@@ -70,7 +75,11 @@ func appendVolume(b []byte, v *Volume) []byte {
 		b = append(b, ']')
 	}
 	b = append(b, `,"keys":`...)
-	b = appendStringMap(b, v.Keys)
+	if rawKeys != "" {
+		b = append(b, rawKeys...)
+	} else {
+		b = appendStringMap(b, v.Keys)
+	}
 	if v.VolumeType != nil {
 		b = append(b, `,"volume_type":`...)
 		b = appendString(b, *v.VolumeType)

@@ -54,6 +54,13 @@ func TestVolumeEncodingIsEncodingJSON(t *testing.T) {
 		got, err := EncodeResult(v)
 		require.NoError(t, err)
 		require.Equal(t, string(want)+"\n", string(got))
+		if v.Keys != nil {
+			keys, _ := json.Marshal(v.Keys)
+			got = AppendVolumeKeysJSON(nil, &Volume{Key: v.Key, UUID: v.UUID, Name: v.Name, Description: v.Description,
+				ReadWrite: v.ReadWrite, Sharable: v.Sharable, VirtualSize: v.VirtualSize, PhysicalUtilisation: v.PhysicalUtilisation,
+				URI: v.URI, VolumeType: v.VolumeType, CBTEnabled: v.CBTEnabled}, string(keys))
+			require.Equal(t, string(want), string(got), "keys given as JSON")
+		}
 		list := []Volume{v, v}
 		want, _ = json.Marshal(list)
 		got, _ = EncodeResult(list)

@@ -3,6 +3,7 @@ package store
 import (
 	"crypto/rand"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -50,7 +51,7 @@ import (
 const (
 	genFile       = "nodes.gen"
 	listingFile   = "listing.cache"
-	listingMagic  = "LXLST01\n"
+	listingMagic  = "LXLST02\n"
 	listingHeader = len(listingMagic) + 16 + 8 + 8 + 8 + 4
 )
 
@@ -156,29 +157,71 @@ func (s Store) ListingCurrent() bool {
 	return err == nil
 }
 
-// ListCached is List served from the listing cache when the cache is
+// Listing is the store's records as SR.ls renders them: every node, and
+// for each VDI its keys already encoded as a JSON object (encoding/json's
+// encoding of Keys, "{}" when there are none). The nodes' VDI.Keys are
+// nil: a map per VDI (10 000 of them) costs more than all the rest of a
+// cached listing.
+type Listing struct {
+	Nodes []Node
+	keys  []string // of Nodes[i]; nilKeysJSON for no keys object at all
+}
+
+// KeysJSON is the keys object of Nodes[i], a VDI.
+func (l Listing) KeysJSON(i int) string {
+	if l.keys[i] == nilKeysJSON {
+		return "{}"
+	}
+	return l.keys[i]
+}
+
+// Listing is List served from the listing cache when the cache is
 // provably current, else from the records (rebuilding the cache when no
-// writer is busy). Same result, same errors as List: SR.ls uses it.
-func (s Store) ListCached() ([]Node, error) {
+// writer is busy). Same nodes, same errors as List: SR.ls uses it.
+func (s Store) Listing() (Listing, error) {
 	if t, ok := s.currentTag(false); ok {
-		if nodes, err := s.readListing(t); err == nil {
-			return nodes, nil
+		if l, err := s.readListing(t); err == nil {
+			return l, nil
 		}
 	}
 	before, ok := s.currentTag(true)
 	nodes, err := s.List()
-	if err != nil || !ok {
-		return nodes, err
+	if err != nil {
+		return Listing{}, err
 	}
 	if duringListingBuild != nil {
 		duringListingBuild()
 	}
+	b, l := encodeListing(before, nodes)
+	if !ok {
+		return l, nil
+	}
 	if after, ok := s.currentTag(true); ok && after == before {
 		// Best effort: a cache that cannot be written is only slower.
-		_ = s.saveListing(before, nodes)
+		_ = s.saveListing(b)
 	}
-	return nodes, nil
+	return l, nil
 }
+
+// ListCached is Listing with every VDI's keys as a map, as List returns
+// them (tests; Listing is what SR.ls uses).
+func (s Store) ListCached() ([]Node, error) {
+	l, err := s.Listing()
+	if err != nil {
+		return nil, err
+	}
+	for i, n := range l.Nodes {
+		if n.VDI != nil && !l.nilKeys(i) {
+			if err := json.Unmarshal([]byte(l.keys[i]), &n.VDI.Keys); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return l.Nodes, nil
+}
+
+// nilKeys: the record had no keys object at all (KeysJSON says "{}").
+func (l Listing) nilKeys(i int) bool { return l.keys[i] == nilKeysJSON }
 
 // duringListingBuild, when set (tests), runs between the reading of the
 // records and the second tag check of a cache build.
@@ -188,17 +231,17 @@ var duringListingBuild func()
 var errStale = errors.New("listing cache is stale or damaged")
 
 // readListing decodes the cache if it carries tag and is intact.
-func (s Store) readListing(t listingTag) ([]Node, error) {
+func (s Store) readListing(t listingTag) (Listing, error) {
 	b, err := os.ReadFile(s.listingPath())
 	if err != nil {
-		return nil, err
+		return Listing{}, err
 	}
 	got, err := decodeListingHeader(b)
 	if err != nil {
-		return nil, err
+		return Listing{}, err
 	}
 	if got != t {
-		return nil, errStale
+		return Listing{}, errStale
 	}
 	return decodeListing(b)
 }
@@ -227,10 +270,13 @@ const (
 	fVDI
 	fReadWrite
 	fSharable
-	fKeysNil
 )
 
-func encodeListing(t listingTag, nodes []Node) []byte {
+// encodeListing encodes the cache file of nodes at tag, and returns the
+// Listing of the same nodes (which shares their VDI records, keys
+// removed).
+func encodeListing(t listingTag, nodes []Node) ([]byte, Listing) {
+	l := Listing{Nodes: make([]Node, len(nodes)), keys: make([]string, len(nodes))}
 	b := make([]byte, 0, listingHeader+len(nodes)*160+4)
 	b = append(b, listingMagic...)
 	b = append(b, t.gen[:]...)
@@ -242,7 +288,7 @@ func encodeListing(t listingTag, nodes []Node) []byte {
 		b = binary.AppendUvarint(b, uint64(len(s)))
 		b = append(b, s...)
 	}
-	for _, n := range nodes {
+	for i, n := range nodes {
 		var fl byte
 		if n.Format == FormatQCOW2 {
 			fl |= fQCOW2
@@ -250,6 +296,7 @@ func encodeListing(t listingTag, nodes []Node) []byte {
 		if n.Parent != "" {
 			fl |= fParent
 		}
+		var keys string
 		if v := n.VDI; v != nil {
 			fl |= fVDI
 			if v.ReadWrite {
@@ -258,10 +305,14 @@ func encodeListing(t listingTag, nodes []Node) []byte {
 			if v.Sharable {
 				fl |= fSharable
 			}
-			if v.Keys == nil {
-				fl |= fKeysNil
+			keys = nilKeysJSON
+			if v.Keys != nil {
+				k, _ := json.Marshal(v.Keys) // a string map always marshals, keys sorted
+				keys = string(k)
 			}
+			n.VDI = &VDI{Name: v.Name, Description: v.Description, ReadWrite: v.ReadWrite, Sharable: v.Sharable}
 		}
+		l.Nodes[i], l.keys[i] = n, keys
 		b = append(b, n.ID...)
 		b = append(b, fl)
 		if n.Parent != "" {
@@ -271,32 +322,33 @@ func encodeListing(t listingTag, nodes []Node) []byte {
 		if v := n.VDI; v != nil {
 			str(v.Name)
 			str(v.Description)
-			b = binary.AppendUvarint(b, uint64(len(v.Keys)))
-			for k, val := range v.Keys {
-				str(k)
-				str(val)
-			}
+			str(keys)
 		}
 	}
-	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, crc32c))
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, crc32c)), l
 }
+
+// nilKeysJSON stands for a record without keys: "{}" is what xapi must
+// see (a volume's keys are never null), and one of the two spellings of
+// an empty object distinguishes it from an empty map.
+const nilKeysJSON = "{ }"
 
 // decodeListing decodes a checked cache. Strings share one copy of the
 // file's bytes (no allocation per string); every node is validated as a
 // record read from disk is, so a damaged cache can never name a path
 // outside the SR.
-func decodeListing(b []byte) ([]Node, error) {
+func decodeListing(b []byte) (Listing, error) {
 	if len(b) == listingHeader+4 {
-		return []Node{}, nil
+		return Listing{Nodes: []Node{}, keys: []string{}}, nil
 	}
 	count := binary.LittleEndian.Uint32(b[listingHeader-4:])
 	// The strings point into b, which this package allocated (readListing)
 	// and never changes nor hands out: no copy of the whole file.
 	data := unsafe.String(&b[listingHeader], len(b)-4-listingHeader)
-	if uint64(count) > uint64(len(data))/37 {
-		return nil, errStale
+	if uint64(count) > uint64(len(data))/38 {
+		return Listing{}, errStale
 	}
-	nodes := make([]Node, count)
+	l := Listing{Nodes: make([]Node, count), keys: make([]string, count)}
 	vdis := make([]VDI, 0, count)
 	p := 0
 	bad := false
@@ -318,20 +370,20 @@ func decodeListing(b []byte) ([]Node, error) {
 		return 0
 	}
 	str := func() string {
-		l := uvarint()
-		if bad || l > uint64(len(data)-p) {
+		n := uvarint()
+		if bad || n > uint64(len(data)-p) {
 			bad = true
 			return ""
 		}
-		s := data[p : p+int(l)]
-		p += int(l)
+		s := data[p : p+int(n)]
+		p += int(n)
 		return s
 	}
-	for i := range nodes {
-		if len(data)-p < 37 {
-			return nil, errStale
+	for i := range l.Nodes {
+		if len(data)-p < 38 {
+			return Listing{}, errStale
 		}
-		n := &nodes[i]
+		n := &l.Nodes[i]
 		n.Schema = Schema
 		n.ID = data[p : p+36]
 		fl := data[p+36]
@@ -342,7 +394,7 @@ func decodeListing(b []byte) ([]Node, error) {
 		}
 		if fl&fParent != 0 {
 			if len(data)-p < 36 {
-				return nil, errStale
+				return Listing{}, errStale
 			}
 			n.Parent = data[p : p+36]
 			p += 36
@@ -357,36 +409,28 @@ func decodeListing(b []byte) ([]Node, error) {
 			v := &vdis[len(vdis)-1]
 			v.Name = str()
 			v.Description = str()
-			nk := uvarint()
-			if nk > uint64(len(data)-p)/2 {
-				return nil, errStale
+			keys := str()
+			// the keys object is copied into replies as it is: it must be
+			// one (written by encoding/json; the checksum held)
+			if len(keys) < 2 || keys[0] != '{' || !json.Valid(unsafe.Slice(unsafe.StringData(keys), len(keys))) {
+				bad = true
 			}
-			if fl&fKeysNil == 0 {
-				v.Keys = make(map[string]string, nk)
-			}
-			for j := uint64(0); j < nk; j++ {
-				k := str()
-				val := str()
-				if v.Keys != nil {
-					v.Keys[k] = val
-				}
-			}
+			l.keys[i] = keys
 			n.VDI = v
 		}
 		if bad || n.Validate() != nil {
-			return nil, errStale
+			return Listing{}, errStale
 		}
 	}
 	if p != len(data) {
-		return nil, errStale
+		return Listing{}, errStale
 	}
-	return nodes, nil
+	return l, nil
 }
 
 // saveListing writes the cache through a temporary file and a rename, so
 // a reader sees the old cache or the new one. No fsync: see above.
-func (s Store) saveListing(t listingTag, nodes []Node) error {
-	b := encodeListing(t, nodes)
+func (s Store) saveListing(b []byte) error {
 	tmp := filepath.Join(s.Dir(), "."+listingFile+".tmp"+strconv.Itoa(os.Getpid()))
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		os.Remove(tmp)

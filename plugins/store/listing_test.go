@@ -147,12 +147,12 @@ func TestListCachedRefusesBadCaches(t *testing.T) {
 	}
 	// a well-formed cache of the right generation naming a path outside
 	// the SR, or listing a volume that does not exist
-	hostile := encodeListing(tag, []Node{{ID: "../../../../etc/passwd-0000-0000-000000000000", Format: FormatVHD}})
+	hostile, _ := encodeListing(tag, []Node{{ID: "../../../../etc/passwd-0000-0000-000000000000", Format: FormatVHD}})
 	bad["hostile id"] = hostile
 	// a correct cache of another state
 	old := tag
 	old.gen[0] ^= 1
-	bad["other generation"] = encodeListing(old, mustList(t, s))
+	bad["other generation"], _ = encodeListing(old, mustList(t, s))
 
 	for what, b := range bad {
 		require.NoError(t, os.WriteFile(s.listingPath(), b, 0o600))
