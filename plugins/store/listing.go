@@ -42,7 +42,11 @@ import (
 //     generation and directory stat and the checksum holds; otherwise it
 //     reads the records (and may rebuild the cache). The directory part of
 //     the tag catches record files created, renamed or removed by anything
-//     that does not bump the generation (an older luksext, a person).
+//     that does not bump the generation (an older luksext, a person), as
+//     far as the directory's timestamps can tell (a change within the
+//     same clock tick as the cache's build is not seen); a record edited
+//     in place by hand is not seen until the next change through the
+//     store. The store itself never edits a record in place.
 //
 // Random generations (rather than a counter) need no read-modify-write
 // under concurrent writers and can never come back to an earlier value.
