@@ -257,16 +257,17 @@ func srLs(ctx context.Context, d VolumeDeps, p smapi.SRParams) (smapi.StreamResu
 	if err != nil {
 		return nil, err
 	}
-	restoreGC := noGC()
 	// The records come from the store's listing cache (one file read,
 	// proven current by the store) when it is valid, else from the
 	// records themselves.
 	listing, err := v.st.Listing()
 	if err != nil {
 		l.Release()
-		restoreGC()
 		return nil, err
 	}
+	// (after the listing: rebuilding it from the records makes garbage
+	// that is worth collecting)
+	restoreGC := noGC()
 	vdis := make([]int, 0, len(listing.Nodes))
 	for i, n := range listing.Nodes {
 		if n.VDI != nil {
