@@ -167,9 +167,14 @@ func missingRequired(obj map[string]json.RawMessage, into any) []string {
 // EncodeResult renders a handler's result as the single JSON value printed
 // on stdout: null for Unit (and nil), the value otherwise.
 func EncodeResult(v any) ([]byte, error) {
-	switch v.(type) {
+	switch v := v.(type) {
 	case nil, Unit, *Unit:
 		return []byte("null\n"), nil
+	case []Volume:
+		// by hand: SR.ls at thousands of volumes (volume_json.go)
+		return append(appendVolumes(make([]byte, 0, 360*len(v)+2), v), '\n'), nil
+	case Volume:
+		return append(appendVolume(make([]byte, 0, 512), &v, ""), '\n'), nil
 	}
 	b, err := json.Marshal(v)
 	if err != nil {

@@ -132,6 +132,18 @@ func Main(ctx context.Context, p Plugin, inv Invocation) (status int) {
 
 func finish(stdout io.Writer, result any, err error, classify Classifier, log logrus.FieldLogger, start time.Time) int {
 	log = log.WithField("duration_ms", time.Since(start).Milliseconds())
+	if stream, ok := result.(StreamResult); ok && err == nil {
+		werr := stream(stdout)
+		if werr == nil {
+			_, werr = io.WriteString(stdout, "\n")
+		}
+		if werr != nil {
+			log.WithError(werr).Error("writing result")
+			return 1
+		}
+		log.Info("call succeeded")
+		return 0
+	}
 	if err == nil {
 		out, merr := EncodeResult(result)
 		if merr == nil {

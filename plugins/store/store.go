@@ -168,12 +168,22 @@ func (s Store) Put(n Node) error {
 	if err := os.MkdirAll(s.nodesDir(), 0o700); err != nil {
 		return err
 	}
+	done, err := s.beginChange()
+	if err != nil {
+		return err
+	}
+	defer done()
 	return durable.WriteFile(s.recordPath(n.ID), b, 0o600)
 }
 
 // Delete removes a record; deleting an absent record is not an error.
 func (s Store) Delete(id string) error {
-	err := os.Remove(s.recordPath(id))
+	done, err := s.beginChange()
+	if err != nil {
+		return err
+	}
+	defer done()
+	err = os.Remove(s.recordPath(id))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}

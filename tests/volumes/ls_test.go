@@ -30,6 +30,7 @@ func (s *sr) lsAgrees(what string) {
 		Key, Name string
 		Virtual   int64
 		Phys      int64
+		Keys      map[string]string
 	}
 	var want, have []row
 	for _, f := range files {
@@ -42,14 +43,21 @@ func (s *sr) lsAgrees(what string) {
 		}
 		var st syscall.Stat_t
 		require.NoError(t, syscall.Stat(filepath.Join(s.dir, n.File()), &st))
-		want = append(want, row{n.ID, n.VDI.Name, n.VirtualSize, st.Blocks * 512})
+		keys := n.VDI.Keys
+		if keys == nil {
+			keys = map[string]string{}
+		}
+		want = append(want, row{n.ID, n.VDI.Name, n.VirtualSize, st.Blocks * 512, keys})
 	}
 	for _, v := range got {
-		have = append(have, row{v.Key, v.Name, v.VirtualSize, v.PhysicalUtilisation})
+		have = append(have, row{v.Key, v.Name, v.VirtualSize, v.PhysicalUtilisation, v.Keys})
 	}
 	sort.Slice(want, func(i, j int) bool { return want[i].Key < want[j].Key })
 	sort.Slice(have, func(i, j int) bool { return have[i].Key < have[j].Key })
 	require.Equal(t, want, have, "%s: SR.ls says what the records and images say", what)
+	// SR.ls left a current listing cache, which the next change must
+	// make stale: every step of the tests below checks that it does.
+	require.True(t, store.New(s.dir).ListingCurrent(), "%s: SR.ls saved its listing cache", what)
 }
 
 // SR.ls stays true to the records and the images through every call that changes a
@@ -59,6 +67,11 @@ func TestSRLsFollowsEveryChange(t *testing.T) {
 	s.lsAgrees("after create, snapshot, clone, destroy")
 	s.call("Volume.set_name", nil, "key", a, "new_name", "renamed")
 	s.lsAgrees("after set_name")
+	s.call("Volume.set", nil, "key", a, "k", "vdi-type", "v", "user")
+	s.call("Volume.set", nil, "key", c1, "k", "<html & \"quotes\">", "v", "é")
+	s.lsAgrees("after set")
+	s.call("Volume.unset", nil, "key", a, "k", "vdi-type")
+	s.lsAgrees("after unset")
 	s.call("Volume.resize", nil, "key", c1, "new_size", 2*volSize)
 	s.lsAgrees("after resize")
 	s.write(c1, volSize, 3*mib) // a guest grows the leaf: physical_utilisation follows

@@ -26,4 +26,8 @@ func TestParseEveryShape(t *testing.T) {
 	assert.Equal(t, row{"plugin-exec-ms", "ours-with-zip=3.1", "plain-elf=2.9", "ratio=1.07"}, *rows[1])
 	assert.Equal(t, row{"tpm2", "luksext_ms=12.0", "clevis_decrypt_ms=90.1", "ratio_clevis_over_luksext=7.5"}, *rows[2], "lines of one step merge")
 	assert.Equal(t, "something else entirely", rows[3].step, "an unknown shape is kept whole")
+
+	parse("BENCH Plugin.Query exec vs a bare static Go JSON echo (median of 60): luksext 25.0 ms, static Go echo 13.0 ms, ratio 1.92", &rows, by)
+	assert.Equal(t, row{"Plugin.Query exec vs a bare static Go JSON echo (median of 60)", "luksext 25.0 ms", "static Go echo 13.0 ms", "1.92"}, *rows[4])
+	assert.Equal(t, "≤ 2×", goal(rows[4].step))
 }
