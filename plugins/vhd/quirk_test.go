@@ -26,7 +26,9 @@ func patchFooters(t *testing.T, path string, creatorVer uint32, sumBefore bool) 
 		}
 		binary.BigEndian.PutUint32(b[32:], creatorVer) // crtr_ver (after cookie, features, version, data offset, timestamp, crtr_app)
 		b[footerHiddenOff] = 0
-		sum := func() { binary.BigEndian.PutUint32(b[footerChecksumOff:], checksum(b, footerChecksumOff, footerChecksumOff+4)) }
+		sum := func() {
+			binary.BigEndian.PutUint32(b[footerChecksumOff:], checksum(b, footerChecksumOff, footerChecksumOff+4))
+		}
 		if sumBefore {
 			sum()
 			b[footerHiddenOff] = 1
