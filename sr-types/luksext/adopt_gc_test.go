@@ -33,8 +33,11 @@ func TestGCRefusesHalfAdoptedSR(t *testing.T) {
 	if err := os.Chtimes(old, past, past); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.MkdirAll(filepath.Join(sr, store.MetaDir), 0o700); err != nil {
-		t.Fatal(err)
+	// the store's directories, as SR.attach makes them
+	for _, d := range []string{"locks", "gc"} {
+		if err := os.MkdirAll(filepath.Join(sr, store.MetaDir, d), 0o700); err != nil {
+			t.Fatal(err)
+		}
 	}
 	journal := filepath.Join(sr, store.MetaDir, "adopt.json")
 	if err := os.WriteFile(journal, []byte(`{"schema":1}`), 0o600); err != nil {
