@@ -41,7 +41,7 @@ func TestParsesPVsAndLVsAsLVM2PrintsThem(t *testing.T) {
 	for _, c := range f.Calls() {
 		lines = append(lines, c.Line())
 	}
-	want := "lvm pvs --noheadings --separator | -o pv_name,vg_name\nlvm lvs --noheadings --separator | -o lv_name,lv_attr XSLocalEXT-a\nlvm vgchange -ay XSLocalEXT-a\nlvm vgchange -an XSLocalEXT-a"
+	want := "udevadm settle --timeout=10\nlvm pvs --noheadings --separator | -o pv_name,vg_name\nlvm lvs --noheadings --separator | -o lv_name,lv_attr XSLocalEXT-a\nlvm vgchange -ay XSLocalEXT-a\nlvm vgchange -an XSLocalEXT-a"
 	if got := strings.Join(lines, "\n"); got != want {
 		t.Fatalf("calls:\n%s\nwant:\n%s", got, want)
 	}

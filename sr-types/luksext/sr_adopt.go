@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/lvm"
@@ -237,14 +238,25 @@ func (s *srService) discoverSR(ctx context.Context, req AdoptRequest, luksUUID s
 			}
 		}
 	}
-	if err := l.Deactivate(ctx, vg); err != nil {
-		_ = closeTmp()
-		return "", err
+	// udev's lvm rules may activate the group again behind us (lvm2's
+	// event activation runs asynchronously): a few tries.
+	for try := 0; ; try++ {
+		err := l.Deactivate(ctx, vg)
+		if err == nil {
+			err = closeTmp()
+		}
+		if err == nil {
+			return m[1], nil
+		}
+		if try == 4 {
+			return "", fmt.Errorf("closing the temporary mapping %s: %w", tmp, err)
+		}
+		select {
+		case <-ctx.Done():
+			return "", ctx.Err()
+		case <-time.After(time.Second):
+		}
 	}
-	if err := closeTmp(); err != nil {
-		return "", err
-	}
-	return m[1], nil
 }
 
 // hostAdoptDisk is adoptDisk on the host: the SR's mapping, its volume
