@@ -42,7 +42,12 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 		return "", err
 	}
 	layout := LayoutDirect
-	if md, ok, _ := s.LUKS.ReadMetadata(dev); ok {
+	md, ok, err := s.LUKS.ReadMetadata(dev)
+	if err != nil {
+		// the layout is read, never guessed: no record, no attach
+		return "", fmt.Errorf("reading the luksext metadata of %s: %w", dev, err)
+	}
+	if ok {
 		switch {
 		case md.SRUUID != srUUID:
 			return "", smapi.Errorf(smapi.KindSRDoesNotExist, "%s holds SR %s, not %s", dev, md.SRUUID, srUUID)
