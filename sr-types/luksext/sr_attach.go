@@ -177,7 +177,10 @@ func (s *srService) teardown(ctx context.Context, srUUID string) error {
 	}
 	layout, err := s.openLayout(srUUID)
 	if err != nil {
-		return err
+		// e.g. the disk is gone: close as before; the close fails (busy)
+		// if a volume group is still active on the mapping
+		smapi.Logger(ctx).WithError(err).Warn("could not read the SR's recorded layout; closing the mapping directly")
+		layout = LayoutDirect
 	}
 	if err := s.releaseLayout(ctx, srUUID, layout); err != nil {
 		return err
