@@ -1,13 +1,16 @@
 package luksext
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/luksext/luksext/plugins/fs"
 	"github.com/luksext/luksext/plugins/luks"
+	"github.com/luksext/luksext/plugins/lvm"
 	"github.com/luksext/luksext/plugins/smapi"
 )
 
@@ -66,6 +69,45 @@ func TestAdoptRefusesADiskOpenUnderAnotherMapping(t *testing.T) {
 			}
 			if err != nil || sr != tc.sr {
 				t.Fatalf("sr %q err %v, want %q", sr, err, tc.sr)
+			}
+		})
+	}
+}
+
+// The SR's logical volume open (the SMAPIv1 SR still plugged, a shell in
+// it) refuses with In_use, a group that is not EXTSR's one-LV layout with
+// Not_adoptable; neither activates anything.
+func TestAdoptRefusesAnOpenOrForeignVolume(t *testing.T) {
+	dir := t.TempDir()
+	mi := filepath.Join(dir, "mountinfo")
+	if err := os.WriteFile(mi, []byte("25 1 8:1 / / rw - ext4 /dev/sda1 rw\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m := luks.New(nil, nil)
+	m.DevDir = filepath.Join(dir, "dev")
+	mapper := m.MapperPath(luks.SRName(layoutSR))
+	for _, tc := range []struct {
+		name string
+		lvs  []lvm.LV
+		kind smapi.Kind
+	}{
+		{"LV open", []lvm.LV{{Name: layoutSR, Active: true, Open: true}}, smapi.KindInUse},
+		{"two LVs", []lvm.LV{{Name: layoutSR}, {Name: "scratch"}}, smapi.KindNotAdoptable},
+		{"LV of another name", []lvm.LV{{Name: "data"}}, smapi.KindNotAdoptable},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			l := &fakeLVM{pvs: []lvm.PV{{Name: mapper, VG: VGName(layoutSR)}}, lvs: tc.lvs}
+			s := &srService{SRDeps{LUKS: m, LVM: l, DevDir: m.DevDir, FS: &fs.FS{MountInfo: mi}}}
+			d := &hostAdoptDisk{s: s, ctx: context.Background(), dev: "/dev/vdb", srUUID: layoutSR, mnt: filepath.Join(dir, "adopt")}
+			_, err := d.Mount()
+			var e *smapi.Error
+			if !errors.As(err, &e) || e.Kind != tc.kind {
+				t.Fatalf("err = %v, want %s", err, tc.kind.Name)
+			}
+			for _, c := range l.calls {
+				if strings.HasPrefix(c, "activate") {
+					t.Fatalf("activated the group: %v", l.calls)
+				}
 			}
 		})
 	}
