@@ -61,6 +61,12 @@ const (
 
 var crc32c = crc32.MakeTable(crc32.Castagnoli)
 
+// Derived reports whether path (relative to the SR root) is one of the
+// listing cache's files: derived data, not part of the SR's state.
+func Derived(rel string) bool {
+	return rel == filepath.Join(MetaDir, genFile) || rel == filepath.Join(MetaDir, listingFile)
+}
+
 // listingTag says which state of the records a listing describes.
 type listingTag struct {
 	gen          [16]byte
@@ -89,7 +95,8 @@ func (s Store) beginChange() (func(), error) {
 	if _, err := rand.Read(g[:]); err != nil {
 		panic(err) // crypto/rand never fails on Linux
 	}
-	if _, err := f.WriteAt(g[:], 0); err == nil {
+	_, err = f.WriteAt(g[:], 0)
+	if err == nil {
 		err = unix.Fdatasync(fd)
 	}
 	if err != nil {

@@ -87,6 +87,9 @@ func snapshotDir(t *testing.T, dir string) map[string]string {
 			return err
 		}
 		rel, _ := filepath.Rel(dir, p)
+		if store.Derived(rel) {
+			return nil // the store's caches differ run to run by design
+		}
 		out[rel] = hex.EncodeToString(h.Sum(nil))
 		return nil
 	})
@@ -98,7 +101,7 @@ func snapshotDir(t *testing.T, dir string) map[string]string {
 
 type crashed struct{ step string }
 
-func runAdopt(t *testing.T, d *fakeAdoptDisk, names map[string]adopt.Names, crashAt string) (plan adopt.Plan, err error, crashedAt string) {
+func runAdopt(t *testing.T, d *fakeAdoptDisk, names map[string]adopt.Names, crashAt string) (plan adopt.Plan, crashedAt string, err error) {
 	t.Helper()
 	defer func() {
 		if r := recover(); r != nil {
@@ -117,7 +120,7 @@ func runAdopt(t *testing.T, d *fakeAdoptDisk, names map[string]adopt.Names, cras
 		}
 	}
 	plan, err = r.run()
-	return plan, err, ""
+	return plan, "", err
 }
 
 // A crash (kill -9) after any step, then a rerun WITHOUT --names,
@@ -129,7 +132,7 @@ func TestAdoptRerunAfterCrashAtEachStepConverges(t *testing.T) {
 	ref := &fakeAdoptDisk{root: t.TempDir()}
 	smapiV1Tree(t, ref.root)
 	vhds := snapshotDir(t, ref.root)
-	if _, err, _ := runAdopt(t, ref, names, ""); err != nil {
+	if _, _, err := runAdopt(t, ref, names, ""); err != nil {
 		t.Fatal(err)
 	}
 	want := snapshotDir(t, ref.root)
@@ -146,7 +149,7 @@ func TestAdoptRerunAfterCrashAtEachStepConverges(t *testing.T) {
 	}
 	n := 0
 	for f := range want {
-		if strings.HasPrefix(f, filepath.Join(store.MetaDir, "nodes")) {
+		if strings.HasPrefix(f, filepath.Join(store.MetaDir, "nodes")+"/") {
 			n++
 		}
 	}
@@ -179,7 +182,7 @@ func TestAdoptRerunAfterCrashAtEachStepConverges(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			_, err, at := runAdopt(t, d, names, step)
+			_, at, err := runAdopt(t, d, names, step)
 			if at != step {
 				t.Fatalf("did not crash at %s (err %v)", step, err)
 			}
@@ -196,7 +199,7 @@ func TestAdoptRerunAfterCrashAtEachStepConverges(t *testing.T) {
 			if step != AdoptStepMetadata {
 				again = nil
 			}
-			if _, err, _ := runAdopt(t, d, again, ""); err != nil {
+			if _, _, err := runAdopt(t, d, again, ""); err != nil {
 				t.Fatalf("rerun: %v", err)
 			}
 			got := snapshotDir(t, d.root)
@@ -207,7 +210,7 @@ func TestAdoptRerunAfterCrashAtEachStepConverges(t *testing.T) {
 				t.Fatalf("after a crash at %s and a rerun:\n got %v\nwant %v", step, keys(got), keys(want))
 			}
 			// and a third run changes nothing
-			if _, err, _ := runAdopt(t, d, nil, ""); err != nil {
+			if _, _, err := runAdopt(t, d, nil, ""); err != nil {
 				t.Fatal(err)
 			}
 			if !equalMaps(snapshotDir(t, d.root), want) {
@@ -225,7 +228,7 @@ func TestAdoptRefusalChangesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := snapshotDir(t, d.root)
-	_, err, _ := runAdopt(t, d, nil, "")
+	_, _, err := runAdopt(t, d, nil, "")
 	var e *smapi.Error
 	if !errors.As(err, &e) || e.Kind != smapi.KindNotAdoptable || !strings.Contains(err.Error(), tLeaf+".cbtlog") {
 		t.Fatalf("err = %v", err)
@@ -242,13 +245,13 @@ func TestAdoptRefusalChangesNothing(t *testing.T) {
 func TestAdoptRerunRefusesChangedFiles(t *testing.T) {
 	d := &fakeAdoptDisk{root: t.TempDir()}
 	smapiV1Tree(t, d.root)
-	if _, _, at := runAdopt(t, d, nil, AdoptStepJournal); at != AdoptStepJournal {
+	if _, at, _ := runAdopt(t, d, nil, AdoptStepJournal); at != AdoptStepJournal {
 		t.Fatal("no crash")
 	}
 	if err := vhd.Create(filepath.Join(d.root, "44444444-4444-4444-8444-444444444444.vhd"), 2<<20, vhd.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	_, err, _ := runAdopt(t, d, nil, "")
+	_, _, err := runAdopt(t, d, nil, "")
 	if err == nil || !strings.Contains(err.Error(), "changed since") {
 		t.Fatalf("err = %v", err)
 	}

@@ -39,8 +39,9 @@ type SRCheck struct {
 	MountInfo string // /proc/self/mountinfo
 	MapperDir string // /dev/mapper
 	// Backs reports whether the block device lower is under the dm device
-	// upper; nil reads sysfs (/sys/dev/block/<maj:min>/slaves).
-	Backs func(lower, upper string) (bool, error)
+	// upper; nil reads sysfs (/sys/dev/block/<maj:min>/slaves). Not
+	// serialised: a test handing the check to a child process gets sysfs.
+	Backs func(lower, upper string) (bool, error) `json:"-"`
 }
 
 func (c SRCheck) backs(lower, upper string) (bool, error) {
