@@ -16,6 +16,10 @@ type Metadata struct {
 	// State is the SR layer's progress marker (e.g. "creating", "ready").
 	State  string `json:"state"`
 	Schema int    `json:"schema"`
+	// Layout is what sits on the mapping: "" ext4 directly (SR.create),
+	// "lvm" the volume group of an SR adopted from SMAPIv1 (luksext adopt).
+	// The SR layer reads it before mounting; it never probes for it.
+	Layout string `json:"layout,omitempty"`
 }
 
 // MetadataSchema is the current Metadata.Schema.

@@ -79,6 +79,7 @@ var DefaultPaths = Paths{
 	"tap-ctl":    "/usr/sbin/tap-ctl",
 	"vhd-util":   "/usr/bin/vhd-util",
 	"qemu-img":   "/usr/bin/qemu-img",
+	"lvm":        "/usr/sbin/lvm",
 }
 
 var searchDirs = []string{"/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/sbin", "/usr/local/bin"}

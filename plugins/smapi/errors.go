@@ -43,6 +43,10 @@ var (
 	KindToolMissing          = Kind{BackendFailure, "Tool_missing"}
 	KindNeedsAttention       = Kind{BackendFailure, "Needs_attention"}
 	KindInternal             = Kind{BackendFailure, "Internal_error"}
+
+	// KindNotAdoptable: luksext adopt found something it does not take
+	// over (files, layout, chain); nothing was changed.
+	KindNotAdoptable = Kind{BackendFailure, "Not_adoptable"}
 )
 
 // Error is an error with a kind, a message for the administrator and the

@@ -63,6 +63,10 @@ var (
 	ErrShrink = errors.New("shrinking a VHD is not supported")
 	// ErrOutOfRange: I/O beyond the virtual size.
 	ErrOutOfRange = errors.New("I/O beyond the end of the virtual disk")
+	// ErrBlockSize: a VHD whose block size is not 2 MiB (libvhd's
+	// VHD_BLOCK_SIZE, all tapdisk and this package handle). It wraps
+	// ErrNotVHD for callers that only ask "is it usable?".
+	ErrBlockSize = fmt.Errorf("VHD block size is not 2 MiB: %w", ErrNotVHD)
 )
 
 // footer is the 512-byte hd_ftr.
@@ -173,10 +177,28 @@ func parseFooter(b []byte) (footer, error) {
 	if string(f.Cookie[:]) != "conectix" {
 		return f, fmt.Errorf("bad footer cookie: %w", ErrNotVHD)
 	}
-	if checksum(b[:footerSize], footerChecksumOff, footerChecksumOff+4) != f.Checksum {
+	if checksum(b[:footerSize], footerChecksumOff, footerChecksumOff+4) != f.Checksum && !oldTapHiddenQuirk(f, b) {
 		return f, fmt.Errorf("bad footer checksum: %w", ErrNotVHD)
 	}
 	return f, nil
+}
+
+// footerHiddenOff is the footer's hidden byte (hd_ftr.hidden, byte 85).
+const footerHiddenOff = 85
+
+// oldTapHiddenQuirk accepts a footer whose checksum does not cover its
+// hidden byte: early td-util set the flag without recomputing the
+// checksum. libvhd accepts exactly this case (blktap vhd/lib/libvhd.c
+// vhd_validate_footer: hidden set, creator "tap", creator version 0.1 or
+// 1.1, and the checksum right once hidden is counted as 0), so tapdisk
+// opens such images and SMAPIv1 SRs may hold them.
+func oldTapHiddenQuirk(f footer, b []byte) bool {
+	if f.Hidden == 0 || string(f.CrtrApp[:3]) != "tap" || (f.CrtrVer != 0x00000001 && f.CrtrVer != 0x00010001) {
+		return false
+	}
+	c := append([]byte(nil), b[:footerSize]...)
+	c[footerHiddenOff] = 0
+	return checksum(c, footerChecksumOff, footerChecksumOff+4) == f.Checksum
 }
 
 func parseHeader(b []byte) (header, error) {
@@ -194,7 +216,7 @@ func parseHeader(b []byte) (header, error) {
 		return h, fmt.Errorf("bad header checksum: %w", ErrNotVHD)
 	}
 	if h.BlockSize != BlockSize {
-		return h, fmt.Errorf("block size %d is not 2 MiB: %w", h.BlockSize, ErrNotVHD)
+		return h, fmt.Errorf("block size %d: %w", h.BlockSize, ErrBlockSize)
 	}
 	return h, nil
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/luksext/luksext/plugins/fs"
 	"github.com/luksext/luksext/plugins/image"
 	"github.com/luksext/luksext/plugins/luks"
+	"github.com/luksext/luksext/plugins/lvm"
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/tapdisk"
 	"github.com/luksext/luksext/plugins/tapdisk/attachment"
@@ -44,6 +45,7 @@ func RealDeps(log logrus.FieldLogger) Deps {
 			Probe:   blockdev.Prober{Run: runner},
 			GC:      processGC{},
 			InUse:   attached,
+			LVM:     lvm.LVM{Run: runner},
 		},
 		Volumes: VolumeDeps{Images: image.Files{Runner: runner}, InUse: attached,
 			Datapath: &attachment.Manager{Ctl: tapdisk.Ctl{Runner: runner}, Log: log},

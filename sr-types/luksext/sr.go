@@ -52,6 +52,9 @@ type SRDeps struct {
 	GC GCControl
 	// Notify posts XAPI messages on the SR (plugins/xapi); nil posts none.
 	Notify Notifier
+	// LVM activates the volume group of SRs adopted from SMAPIv1
+	// (LayoutLVM, plugins/lvm); nil: such SRs are refused.
+	LVM LVMOps
 }
 
 // SignatureProber says what a device already holds (blockdev.Prober).

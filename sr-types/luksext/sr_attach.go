@@ -41,11 +41,20 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 	if err != nil {
 		return "", err
 	}
-	if md, ok, _ := s.LUKS.ReadMetadata(dev); ok && (md.SRUUID != srUUID || md.State != stateReady) {
-		if md.SRUUID != srUUID {
+	layout := LayoutDirect
+	if md, ok, _ := s.LUKS.ReadMetadata(dev); ok {
+		switch {
+		case md.SRUUID != srUUID:
 			return "", smapi.Errorf(smapi.KindSRDoesNotExist, "%s holds SR %s, not %s", dev, md.SRUUID, srUUID)
+		case md.State == stateAdopting:
+			return "", smapi.Errorf(smapi.KindNeedsAttention, "the adoption of SR %s on %s did not finish; run 'luksext adopt %s' again, then plug the SR", srUUID, dev, dev)
+		case md.State != stateReady:
+			return "", smapi.Errorf(smapi.KindNeedsAttention, "SR %s on %s was never finished (SR.create was interrupted); run xe sr-create again or destroy it", srUUID, dev)
 		}
-		return "", smapi.Errorf(smapi.KindNeedsAttention, "SR %s on %s was never finished (SR.create was interrupted); run xe sr-create again or destroy it", srUUID, dev)
+		if err := checkLayout(md.Layout, srUUID); err != nil {
+			return "", err
+		}
+		layout = md.Layout
 	}
 
 	name := luks.SRName(srUUID)
@@ -57,20 +66,26 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 	if err != nil {
 		return "", err
 	}
-	mapper := s.LUKS.MapperPath(name)
-	repaired, err := s.FS.Fsck(ctx, mapper)
+	fsdev, err := s.filesystemDevice(ctx, srUUID, layout)
+	if err != nil {
+		return "", err
+	}
+	repaired, err := s.FS.Fsck(ctx, fsdev)
 	if err != nil {
 		return "", smapi.Wrap(smapi.KindNeedsAttention, err)
 	}
 	if repaired {
 		log.Warn("e2fsck repaired the SR filesystem (was the host reset while the SR was attached?)")
 	}
-	if err := s.FS.Mount(ctx, mapper, mnt); err != nil {
+	if err := s.FS.Mount(ctx, fsdev, mnt); err != nil {
 		return "", err
 	}
 	meta, err := readSRMeta(mnt)
 	if err == nil && meta.UUID != srUUID {
 		err = smapi.Errorf(smapi.KindSRDoesNotExist, "the filesystem on %s belongs to SR %s, not %s", dev, meta.UUID, srUUID)
+	}
+	if err == nil && meta.Layout != layout {
+		err = smapi.Errorf(smapi.KindNeedsAttention, "the SR record of %s says layout %q but its disk's luksext metadata says %q", srUUID, meta.Layout, layout)
 	}
 	if err == nil {
 		err = ensureStoreDirs(mnt) // the GC's lock directories (plugins/lock creates none)
@@ -154,6 +169,13 @@ func (s *srService) teardown(ctx context.Context, srUUID string) error {
 	}
 	if err := s.FS.Unmount(ctx, mnt); err != nil {
 		return smapi.Wrap(smapi.KindInUse, fmt.Errorf("%w (a VM disk or a shell may still use the SR: fuser -vm %s)", err, mnt))
+	}
+	layout, err := s.openLayout(srUUID)
+	if err != nil {
+		return err
+	}
+	if err := s.releaseLayout(ctx, srUUID, layout); err != nil {
+		return err
 	}
 	if err := s.LUKS.Close(ctx, luks.SRName(srUUID)); err != nil {
 		return err

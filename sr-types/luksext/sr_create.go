@@ -21,6 +21,9 @@ import (
 const (
 	stateCreating = "creating"
 	stateReady    = "ready"
+	// stateAdopting: luksext adopt has begun turning an SMAPIv1 SR into
+	// this one and has not finished (sr_adopt.go); attach refuses it.
+	stateAdopting = "adopting"
 )
 
 // create turns a blank disk into an encrypted SR. Steps: validate →
@@ -51,6 +54,9 @@ func (s *srService) create(ctx context.Context, p smapi.SRCreateParams) (map[str
 		switch {
 		case info.SRUUID() != p.UUID:
 			return nil, smapi.Errorf(smapi.KindDeviceNotBlank, "%s already holds the luksext SR %s; destroy that SR first (xe sr-destroy), or set device-config:force=true to erase it", plan.Device, info.SRUUID())
+		case ok && md.State == stateAdopting:
+			// never "redo" (reformat) an SR half-way through luksext adopt
+			return nil, smapi.Errorf(smapi.KindDeviceNotBlank, "%s holds SR %s, whose adoption from SMAPIv1 did not finish; run 'luksext adopt %s' again", plan.Device, p.UUID, plan.Device)
 		case ok && md.State == stateReady:
 			log.Info("SR already created on this device; returning its configuration")
 			return plan.resultConfig(p.UUID, info.UUID), nil

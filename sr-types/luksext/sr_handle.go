@@ -12,6 +12,7 @@ import (
 	"github.com/luksext/luksext/plugins/fs"
 	"github.com/luksext/luksext/plugins/lock"
 	"github.com/luksext/luksext/plugins/luks"
+	"github.com/luksext/luksext/plugins/lvm"
 	"github.com/luksext/luksext/plugins/smapi"
 	"github.com/luksext/luksext/plugins/store"
 )
@@ -37,6 +38,16 @@ type SRCheck struct {
 	StateDir  string // /run/luksext: lock files, outside every SR
 	MountInfo string // /proc/self/mountinfo
 	MapperDir string // /dev/mapper
+	// Backs reports whether the block device lower is under the dm device
+	// upper; nil reads sysfs (/sys/dev/block/<maj:min>/slaves).
+	Backs func(lower, upper string) (bool, error)
+}
+
+func (c SRCheck) backs(lower, upper string) (bool, error) {
+	if c.Backs != nil {
+		return c.Backs(lower, upper)
+	}
+	return backs(lower, upper, "/sys")
 }
 
 func (c SRCheck) withDefaults() SRCheck {
@@ -118,7 +129,18 @@ func (c SRCheck) verify(srUUID, mnt string) (srHandle, error) {
 		return h, notAttached("nothing is mounted at %s", mnt)
 	}
 	mapper := filepath.Join(c.MapperDir, luks.SRName(srUUID))
-	if !sameBlockDevice(src, mapper) {
+	// The lvm layout (an SR adopted from SMAPIv1) mounts the logical
+	// volume, which must sit on the SR's mapping.
+	lv := filepath.Join(c.MapperDir, lvm.DMName(VGName(srUUID), srUUID))
+	layout := LayoutDirect
+	switch {
+	case sameBlockDevice(src, mapper):
+	case sameBlockDevice(src, lv):
+		if ok, err := c.backs(mapper, lv); err != nil || !ok {
+			return h, smapi.Errorf(smapi.KindNeedsAttention, "%s is mounted from %s, which is not on the SR's mapping %s (%v); unmount it (umount %s) and plug the SR again", mnt, src, mapper, err, mnt)
+		}
+		layout = LayoutLVM
+	default:
 		return h, smapi.Errorf(smapi.KindNeedsAttention, "%s is mounted from %s, not from the SR's mapping %s; unmount it (umount %s) and plug the SR again", mnt, src, mapper, mnt)
 	}
 	meta, err := readSRMeta(mnt)
@@ -127,6 +149,9 @@ func (c SRCheck) verify(srUUID, mnt string) (srHandle, error) {
 	}
 	if meta.UUID != srUUID {
 		return h, smapi.Errorf(smapi.KindNeedsAttention, "the SR record %s names SR %q, not %s", filepath.Join(mnt, SRMetaFile), meta.UUID, srUUID)
+	}
+	if meta.Layout != layout {
+		return h, smapi.Errorf(smapi.KindNeedsAttention, "SR %s records layout %q but is mounted from %s; unmount it (umount %s) and plug the SR again", srUUID, meta.Layout, src, mnt)
 	}
 	h.Meta = meta
 	return h, nil

@@ -22,6 +22,9 @@ type SRMeta struct {
 	Description string `json:"description"`
 	LUKSUUID    string `json:"luks_uuid"`
 	Device      string `json:"device"`
+	// Layout is LayoutDirect ("", omitted) or LayoutLVM; the same value as
+	// the disk's luksext metadata.
+	Layout string `json:"layout,omitempty"`
 }
 
 // readSRMeta reads the SR record of the SR mounted at sr, or fails with

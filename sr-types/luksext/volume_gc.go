@@ -57,6 +57,9 @@ func StartGCFrom(self, sr string) error {
 		return err
 	}
 	st := store.New(abs)
+	if err := refuseHalfAdopted(abs); err != nil {
+		return err
+	}
 	if held, err := lock.Held(gcRunningLock(st), lock.Exclusive); err != nil || held {
 		return err
 	}
@@ -215,8 +218,29 @@ func RunGC(args []string) int {
 // errGCRunning: another collector holds the SR.
 var errGCRunning = errors.New("a garbage collector already runs for this SR")
 
+// ErrAdoptionPending: the SR is half-way through luksext adopt. Its VHDs
+// are not all recorded yet, and the collector deletes uuid-named image
+// files without a record (after OrphanAge): it must not run.
+var ErrAdoptionPending = errors.New("the adoption of this SR (luksext adopt) is not complete; the garbage collector does not run until it is (rerun luksext adopt)")
+
+// refuseHalfAdopted is the GC's start guard (StartGCFrom, runGC) and part
+// of its liveness check: no pass on an SR whose adopt journal exists.
+func refuseHalfAdopted(sr string) error {
+	pending, err := AdoptionPending(sr)
+	if err != nil {
+		return err
+	}
+	if pending {
+		return fmt.Errorf("SR %s: %w", sr, ErrAdoptionPending)
+	}
+	return nil
+}
+
 func runGC(ctx context.Context, sr string, interval time.Duration, once bool, d VolumeDeps, fault func(string), log logrus.FieldLogger) error {
 	if err := CheckAttached(sr); err != nil {
+		return err
+	}
+	if err := refuseHalfAdopted(sr); err != nil {
 		return err
 	}
 	st := store.New(sr)
@@ -249,13 +273,16 @@ func runGC(ctx context.Context, sr string, interval time.Duration, once bool, d 
 	}
 	if once {
 		for {
+			if err := refuseHalfAdopted(sr); err != nil {
+				return err
+			}
 			changed, err := c.Pass(ctx)
 			if err != nil || !changed {
 				return err
 			}
 		}
 	}
-	return c.Run(ctx, interval, func() bool { return CheckAttached(sr) == nil })
+	return c.Run(ctx, interval, func() bool { return CheckAttached(sr) == nil && refuseHalfAdopted(sr) == nil })
 }
 
 // collector is the SR's garbage collector with this call's edges: images,

@@ -11,7 +11,7 @@ import (
 // positional arguments, as in cryptsetup and clevis.
 type cmdline struct {
 	JSON, Help, Verbose, Force, Yes bool
-	KeyFile, NewKeyFile             string
+	KeyFile, NewKeyFile, Names      string
 	Args                            []string // after the verb
 	set                             map[string]bool
 }
@@ -39,6 +39,7 @@ var flagHelp = map[string]string{
 	"--new-key-file": "read the NEW recovery passphrase from FILE ('-' for stdin); without it you are prompted twice",
 	"--force":        "do it even if it leaves fewer ways to unlock the disk than the safety rule asks for",
 	"--yes":          "do not ask for confirmation (also -y)",
+	"--names":        "the saved output of 'xe vdi-list sr-uuid=SR params=all': VDI names, descriptions, read-only and sharable flags",
 }
 
 const keyAuthHelp = `Authorisation: a key change needs the disk key. luksext first tries every
@@ -126,6 +127,25 @@ key-changing verb undoes the half-done change (the old passphrase still works).`
 bindings that unseal now remain (one TPM alone is one firmware update away
 from a locked disk); --force overrides.`,
 		Run: (*admin).recoveryRemove},
+	{Name: "adopt", Usage: "adopt DEVICE [--names FILE] [--key-file FILE|-]", MinArgs: 1, MaxArgs: 1, Flags: []string{"--key-file", "--names"},
+		Summary: "turn a hand-made LUKS + SMAPIv1 ext SR into a luksext SR, in place",
+		Help: `Takes over the SR on DEVICE that the hand-made recipe built (LUKS, clevis
+binding, an SMAPIv1 'ext' SR: volume group XSLocalEXT-<sr uuid>, one logical
+volume, ext4, <vdi uuid>.vhd files) while that SR is unplugged and forgotten and
+its old mapping closed. It keeps the SR uuid and every VDI uuid (hidden base
+copies become internal nodes of the snapshot tree), keeps every keyslot and the
+clevis binding (stock 'clevis luks unlock' still opens the disk), checks the
+filesystem, records the volumes and prints the device-config and the xe
+commands that bring the SR back (sr-introduce, pbd-create, pbd-plug, sr-scan).
+Names and descriptions come from --names (xe vdi-list sr-uuid=SR params=all,
+saved before xe sr-forget); without it the VDIs are nameless.
+Refused, with nothing changed, when the SR holds what luksext does not handle
+(.raw VDIs, CBT logs, unfinished SMAPIv1 GC work, IntelliCache files, VHDs with
+other block sizes, chains that do not resolve) or when the disk or its volume
+is in use (exit 7 Not_adoptable, exit 6 In_use). Cut short (crash, kill),
+rerun the same command: it finishes the same way. See README 'Moving from a
+hand-made LUKS SR'.`,
+		Run: (*admin).adopt},
 	{Name: "header-backup", Usage: "header-backup SR FILE", MinArgs: 2, MaxArgs: 2,
 		Summary: "save the LUKS header (cryptsetup luksHeaderBackup)",
 		Help: `Writes the LUKS header, with every keyslot and binding, to FILE (which must
@@ -195,6 +215,8 @@ func parseCommandLine(args []string) (cmdline, *verb, error) {
 			cl.KeyFile, err = valueOf(&i, name, arg)
 		case "--new-key-file":
 			cl.NewKeyFile, err = valueOf(&i, name, arg)
+		case "--names":
+			cl.Names, err = valueOf(&i, name, arg)
 		default:
 			err = usageErr("unknown option %s", arg)
 		}

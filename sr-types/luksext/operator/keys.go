@@ -97,6 +97,13 @@ func working(ps []probe, except int) int {
 // authorise returns a passphrase that opens a keyslot of t: from the first
 // binding that unseals, else the recovery passphrase, tried once.
 func (a *admin) authorise(ctx context.Context, t target) (secret.Bytes, string, error) {
+	pass, what, _, err := a.authoriseSlot(ctx, t)
+	return pass, what, err
+}
+
+// authoriseSlot is authorise that also says which keyslot the passphrase
+// opens (so that opening the disk tries that one keyslot only).
+func (a *admin) authoriseSlot(ctx context.Context, t target) (secret.Bytes, string, int, error) {
 	log := smapi.Logger(ctx).WithField("dev", t.Dev)
 	var failures []string
 	for _, b := range t.Info.Bindings {
@@ -105,7 +112,7 @@ func (a *admin) authorise(ctx context.Context, t target) (secret.Bytes, string, 
 		if err == nil {
 			if err = a.LUKS.TestKeyslot(ctx, t.Dev, pass, b.Keyslot); err == nil {
 				log.WithField("keyslot", b.Keyslot).Info("authorised by " + what)
-				return pass, what, nil
+				return pass, what, b.Keyslot, nil
 			}
 			pass.Wipe()
 		}
@@ -117,22 +124,22 @@ func (a *admin) authorise(ctx context.Context, t target) (secret.Bytes, string, 
 		why = "the disk has no clevis binding"
 	}
 	if len(slots) == 0 {
-		return secret.Bytes{}, "", smapi.Errorf(smapi.KindKeyUnavailable, "%s: %s, and it has no passphrase keyslot", t.describe(), why)
+		return secret.Bytes{}, "", -1, smapi.Errorf(smapi.KindKeyUnavailable, "%s: %s, and it has no passphrase keyslot", t.describe(), why)
 	}
 	pass, err := a.askPassphrase(fmt.Sprintf("%s; recovery passphrase for %s: ", why, t.describe()))
 	if err != nil {
 		if errors.Is(err, ErrNoTerminal) {
-			return secret.Bytes{}, "", smapi.Wrap(smapi.KindKeyUnavailable, fmt.Errorf("%s: %s, and no passphrase was given: %w", t.describe(), why, err))
+			return secret.Bytes{}, "", -1, smapi.Wrap(smapi.KindKeyUnavailable, fmt.Errorf("%s: %s, and no passphrase was given: %w", t.describe(), why, err))
 		}
-		return secret.Bytes{}, "", err
+		return secret.Bytes{}, "", -1, err
 	}
 	slot, err := a.passphraseSlot(ctx, t, pass, slots)
 	if err != nil {
 		pass.Wipe()
-		return secret.Bytes{}, "", err
+		return secret.Bytes{}, "", -1, err
 	}
 	log.WithField("keyslot", slot).Info("authorised by the recovery passphrase")
-	return pass, fmt.Sprintf("recovery passphrase (keyslot %d)", slot), nil
+	return pass, fmt.Sprintf("recovery passphrase (keyslot %d)", slot), slot, nil
 }
 
 // passphraseSlot finds which of slots pass opens. Each keyslot is tested

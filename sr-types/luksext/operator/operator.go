@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"github.com/luksext/luksext/sr-types/luksext"
 	"io"
+	"os"
 	"os/signal"
 	"strings"
 	"syscall"
@@ -47,7 +48,8 @@ var exitCodeHelp = `Exit codes:
   5  no key: no binding unseals and no passphrase was given
      (status: at least one SR shown cannot unlock by itself)
   6  busy: another operation holds the SR lock, or the device is in use
-  7  refused for safety (would leave no way in, or not confirmed): see --force / --yes
+  7  refused for safety (would leave no way in, or not confirmed): see --force / --yes;
+     adopt: the SR holds what luksext does not take over (Not_adoptable)
   8  invalid clevis configuration, or a Tang server whose key is not the trusted one`
 
 // Errors of the operator command that have no SMAPI kind.
@@ -74,7 +76,15 @@ type Deps struct {
 	// LockWait bounds how long a verb waits for an SR.* call to finish.
 	LockWait time.Duration
 	Log      logrus.FieldLogger
+	// AdoptCrash is called after each step of luksext adopt
+	// (luksext.AdoptSteps); Main sets it from AdoptCrashEnv for the VM
+	// tier's kill -9 tests. nil in production.
+	AdoptCrash func(step string)
 }
+
+// AdoptCrashEnv names a step of luksext adopt after which the command
+// kills itself with SIGKILL (tests of crash recovery only).
+const AdoptCrashEnv = "LUKSEXT_ADOPT_CRASH_AFTER"
 
 // DefaultJournalDir is persistent, unlike StateDir: an interrupted key
 // change must still be finished after a reboot.
@@ -107,6 +117,14 @@ func Main(inv Invocation) int {
 		JournalDir:  DefaultJournalDir,
 		RecoveryKDF: luks.RecoveryKDF(),
 		Log:         log,
+	}
+	if step := os.Getenv(AdoptCrashEnv); step != "" {
+		d.AdoptCrash = func(s string) {
+			if s == step {
+				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+				select {} // SIGKILL is not deliverable late, but never go on
+			}
+		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
@@ -224,6 +242,8 @@ func classifyAdminError(err error) (int, string) {
 		return ExitInvalidConfig, kind.Name
 	case smapi.KindInvalidParameters:
 		return ExitUsage, kind.Name
+	case smapi.KindNotAdoptable:
+		return ExitRefused, kind.Name
 	}
 	return ExitFailure, kind.Name
 }
