@@ -44,10 +44,12 @@ type adoptAnswer struct {
 	} `json:"error"`
 }
 
-// adoptCrashSteps are adopt's commit steps, in order; the test build of
-// the command SIGKILLs itself right after the step named in
-// LUKSEXT_ADOPT_CRASH_AFTER.
-var adoptCrashSteps = []string{"luks-metadata", "journal", "records", "sr-record", "commit", "closed", "ready"}
+// adoptCrashSteps are adopt's commit steps, in order; the command
+// SIGKILLs itself right after the step named in LUKSEXT_ADOPT_CRASH_AFTER
+// (sr-types/luksext/sr_adopt_steps.go). The last one, "ready", is the
+// finished adoption: a kill after it is a run whose answer was lost, which
+// the test's rerun on the adopted disk covers.
+var adoptCrashSteps = []string{"luks-metadata", "journal", "records", "sr-record", "commit", "closed"}
 
 // adopt runs the installed `luksext adopt DEV --json [args]` with env
 // prepended; it returns the exit code and the decoded answer (nil when
@@ -173,14 +175,12 @@ rm %[9]s.vhd`, bad[0], bad[1], bad[2], bad[3], bad[4], bad[5], handmadeVDIC, h.V
 	// The PBD's device-config adopt prints (checked in "the answer").
 	cfg := map[string]string{"device": "/dev/disk/by-id/virtio-luksext-disk0", "sr_uuid": h.SR, "luks-uuid": h.LUKSUUID}
 	t.Run("kill -9 after each step of adopt, reruns converge", func(t *testing.T) {
-		for i, step := range adoptCrashSteps {
+		for _, step := range adoptCrashSteps {
 			code, _, r := g.adopt(t, "LUKSEXT_ADOPT_CRASH_AFTER="+step, dev, "--names", names)
 			require.Equal(t, 137, code, "adopt should have been killed after %s: %s", step, r.Stderr)
-			if i < len(adoptCrashSteps)-1 {
-				// Half adopted: SR.attach refuses and says what to do.
-				rec := g.fails(t, "SR.attach", attachParams(cfg), "Needs_attention")
-				assert.Contains(t, rec.Params[1], "luksext adopt", "after %s", step)
-			}
+			// Half adopted: SR.attach refuses and says what to do.
+			rec := g.fails(t, "SR.attach", attachParams(cfg), "Needs_attention")
+			assert.Contains(t, rec.Params[1], "luksext adopt", "after %s", step)
 			if step == "sr-record" {
 				// The collector refuses to touch a half-adopted SR.
 				out, rc := g.Run(t, fmt.Sprintf("%s/root/usr/libexec/luksext/volume gc /run/luksext/adopt-%s -once 2>&1", g.work, h.SR))
@@ -192,7 +192,11 @@ rm %[9]s.vhd`, bad[0], bad[1], bad[2], bad[3], bad[4], bad[5], handmadeVDIC, h.V
 		code, a, r := g.adopt(t, "", dev)
 		require.Equal(t, 0, code, r.Stderr)
 		require.NotNil(t, a)
+		assert.True(t, a.Changed, "the run that finished the adoption says it changed the disk")
 		final = a
+		// Killed after the last step (the answer lost), then run again.
+		code, _, r = g.adopt(t, "LUKSEXT_ADOPT_CRASH_AFTER=ready", dev, "--names", names)
+		assert.Equal(t, 0, code, "an adopted disk is not adopted again (no step runs, no kill): %s", r.Stderr)
 		code, again, r := g.adopt(t, "", dev, "--names", names)
 		require.Equal(t, 0, code, r.Stderr)
 		require.NotNil(t, again)
