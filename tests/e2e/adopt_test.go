@@ -200,9 +200,12 @@ rm %[9]s.vhd`, bad[0], bad[1], bad[2], bad[3], bad[4], bad[5], handmadeVDIC, h.V
 		code, again, r := g.adopt(t, "", dev, "--names", names)
 		require.Equal(t, 0, code, r.Stderr)
 		require.NotNil(t, again)
+		// The "already adopted" answer: the same SR and device-config, no
+		// volume list (it does not open the disk; 18-adopt-api.md).
 		assert.False(t, again.Changed, "a rerun on an adopted disk changes nothing")
 		assert.Equal(t, final.DeviceConfig, again.DeviceConfig)
-		assert.Equal(t, final.Volumes, again.Volumes)
+		assert.Equal(t, final.XE, again.XE)
+		assert.Equal(t, final.SRUUID, again.SRUUID)
 	})
 	require.NotNil(t, final, "adopt did not complete")
 
@@ -243,6 +246,18 @@ rm %[9]s.vhd`, bad[0], bad[1], bad[2], bad[3], bad[4], bad[5], handmadeVDIC, h.V
 		g.ok(t, "SR.attach", attachParams(final.DeviceConfig), &sr)
 		assert.Equal(t, h.Mount, sr)
 		assert.Contains(t, g.MustRun(t, "lsblk -no NAME,TYPE "+dev), "lvm", "the SR is the LV on the LUKS mapping, in place")
+		// The operator command knows the inherited keyslots.
+		st, code := g.dom0Status(t, h.SR)
+		assert.Equal(t, 0, code, "the adopted SR unlocks by itself")
+		kinds := map[int]string{}
+		for _, k := range st.SRs[0].Keyslots {
+			kinds[k.Keyslot] = k.Kind
+			if k.Kind == "binding" {
+				require.NotNil(t, k.Unseals)
+				assert.True(t, *k.Unseals, "clevis's tpm2 binding unseals: %s", k.Error)
+			}
+		}
+		assert.Equal(t, map[int]string{0: "passphrase", 1: "binding"}, kinds, "the recipe's passphrase and clevis keyslots")
 		var vols []smapi.Volume
 		g.ok(t, "SR.ls", map[string]any{"dbg": "t", "sr": sr}, &vols)
 		var keys []string
