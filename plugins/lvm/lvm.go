@@ -53,8 +53,12 @@ type PV struct {
 	Name, VG string
 }
 
-// PVs lists every physical volume lvm sees, with its group ("" for none).
+// PVs lists every physical volume lvm sees, with its group ("" for none),
+// once udev has processed the devices that just appeared (a mapping
+// opened a moment ago: lvm finds devices through udev's database).
 func (l LVM) PVs(ctx context.Context) ([]PV, error) {
+	// best effort: without udev (a minimal system) lvm scans /dev itself
+	_, _ = l.Run.Run(ctx, run.Cmd{Tool: "udevadm", Args: []string{"settle", "--timeout=10"}, Timeout: 15 * time.Second})
 	out, err := l.lvm(ctx, "pvs", "--noheadings", "--separator", "|", "-o", "pv_name,vg_name")
 	if err != nil {
 		return nil, err

@@ -62,3 +62,6 @@ func ValidUUID(s string) bool { return validUUID(s) }
 
 // StateReady is the luksext metadata state of a finished SR.create.
 const StateReady = stateReady
+
+// StateAdopting is the luksext metadata state of an unfinished adopt.
+const StateAdopting = stateAdopting

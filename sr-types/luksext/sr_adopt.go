@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/lvm"
@@ -65,24 +66,35 @@ func (h *Host) AdoptPrecheck(dev string, info luks.Info) (done bool, err error) 
 			return false, smapi.Errorf(smapi.KindNotAdoptable, "%s is already luksext SR %s (made by SR.create, not a hand-made SMAPIv1 SR); there is nothing to adopt", dev, md.SRUUID)
 		}
 	}
-	ours := map[string]bool{adoptTempName(info.UUID): true}
-	if md := info.Metadata; md != nil {
-		ours[luks.SRName(md.SRUUID)] = true
-	}
-	held, err := holders(dev, h.s.sysDir())
+	_, err = h.s.adoptMapping(dev, info)
+	return false, err
+}
+
+// adoptMapping checks the mappings open on dev: none, or only ones an
+// interrupted adopt left (the temporary one, or luksext-<sr uuid>, whose
+// SR uuid it returns: before the disk metadata is written that mapping
+// is the only record of which SR a crashed run had found).
+func (s *srService) adoptMapping(dev string, info luks.Info) (string, error) {
+	held, err := holders(dev, s.sysDir())
 	if err != nil {
-		return false, err
+		return "", err
 	}
 	var foreign []string
+	srUUID := ""
 	for _, n := range held {
-		if !ours[n] {
+		u, isOurs := strings.CutPrefix(n, luks.NamePrefix)
+		switch {
+		case n == adoptTempName(info.UUID):
+		case isOurs && validUUID(u) && (info.Metadata == nil || info.Metadata.SRUUID == u):
+			srUUID = u
+		default:
 			foreign = append(foreign, "/dev/mapper/"+n)
 		}
 	}
 	if len(foreign) > 0 {
-		return false, smapi.Errorf(smapi.KindInUse, "%s is open as %s; unplug and forget the SMAPIv1 SR, then close the old mapping and disable its unit (vgchange -an XSLocalEXT-<sr uuid>; cryptsetup close %s; systemctl disable clevis-luks-unlock@%s), and run luksext adopt again", dev, strings.Join(foreign, ", "), strings.TrimPrefix(foreign[0], "/dev/mapper/"), info.UUID)
+		return "", smapi.Errorf(smapi.KindInUse, "%s is open as %s; unplug and forget the SMAPIv1 SR, then close the old mapping and disable its unit (vgchange -an XSLocalEXT-<sr uuid>; cryptsetup close %s; systemctl disable clevis-luks-unlock@%s), and run luksext adopt again", dev, strings.Join(foreign, ", "), strings.TrimPrefix(foreign[0], "/dev/mapper/"), info.UUID)
 	}
-	return false, nil
+	return srUUID, nil
 }
 
 // holders are the dm names of the devices stacked on dev
@@ -141,6 +153,11 @@ func (h *Host) Adopt(ctx context.Context, req AdoptRequest) (AdoptResult, error)
 	if done {
 		res.DeviceConfig = adoptedConfig(res)
 		return res, nil
+	}
+	if res.SRUUID == "" {
+		if res.SRUUID, err = s.adoptMapping(req.Device, info); err != nil {
+			return res, err
+		}
 	}
 	if res.SRUUID == "" {
 		if res.SRUUID, err = s.discoverSR(ctx, req, info.UUID); err != nil {
@@ -221,14 +238,25 @@ func (s *srService) discoverSR(ctx context.Context, req AdoptRequest, luksUUID s
 			}
 		}
 	}
-	if err := l.Deactivate(ctx, vg); err != nil {
-		_ = closeTmp()
-		return "", err
+	// udev's lvm rules may activate the group again behind us (lvm2's
+	// event activation runs asynchronously): a few tries.
+	for try := 0; ; try++ {
+		err := l.Deactivate(ctx, vg)
+		if err == nil {
+			err = closeTmp()
+		}
+		if err == nil {
+			return m[1], nil
+		}
+		if try == 4 {
+			return "", fmt.Errorf("closing the temporary mapping %s: %w", tmp, err)
+		}
+		select {
+		case <-ctx.Done():
+			return "", ctx.Err()
+		case <-time.After(time.Second):
+		}
 	}
-	if err := closeTmp(); err != nil {
-		return "", err
-	}
-	return m[1], nil
 }
 
 // hostAdoptDisk is adoptDisk on the host: the SR's mapping, its volume

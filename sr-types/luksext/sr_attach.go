@@ -42,7 +42,12 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 		return "", err
 	}
 	layout := LayoutDirect
-	if md, ok, _ := s.LUKS.ReadMetadata(dev); ok {
+	md, ok, err := s.LUKS.ReadMetadata(dev)
+	if err != nil {
+		// the layout is read, never guessed: no record, no attach
+		return "", fmt.Errorf("reading the luksext metadata of %s: %w", dev, err)
+	}
+	if ok {
 		switch {
 		case md.SRUUID != srUUID:
 			return "", smapi.Errorf(smapi.KindSRDoesNotExist, "%s holds SR %s, not %s", dev, md.SRUUID, srUUID)
@@ -172,7 +177,10 @@ func (s *srService) teardown(ctx context.Context, srUUID string) error {
 	}
 	layout, err := s.openLayout(srUUID)
 	if err != nil {
-		return err
+		// e.g. the disk is gone: close as before; the close fails (busy)
+		// if a volume group is still active on the mapping
+		smapi.Logger(ctx).WithError(err).Warn("could not read the SR's recorded layout; closing the mapping directly")
+		layout = LayoutDirect
 	}
 	if err := s.releaseLayout(ctx, srUUID, layout); err != nil {
 		return err

@@ -75,6 +75,12 @@ func Scan(dir string, names map[string]Names, allowOurs bool) (Plan, error) {
 	found := map[string]vinfo{}
 	for _, e := range entries {
 		name := e.Name()
+		if name == fileLog && e.Type().IsRegular() {
+			if why := unfinishedFileLog(filepath.Join(dir, name)); why != "" {
+				problems = append(problems, name+" ("+why+")")
+			}
+			continue
+		}
 		if why := unsupported(name, e, allowOurs); why != "" {
 			problems = append(problems, name+" ("+why+")")
 			continue
@@ -210,6 +216,14 @@ func unsupported(name string, e os.DirEntry, allowOurs bool) string {
 		return ""
 	case allowOurs && name == "luksext-sr.json" && e.Type().IsRegular():
 		return ""
+	case name == "sm-hardlink.conf" && e.Type().IsRegular():
+		return "" // SharedFileSR's note whether hard links work; no data
+	case strings.HasSuffix(name, ".vhd.new"):
+		return "the temporary image of an unfinished SMAPIv1 snapshot (FileSR writes <uuid>.vhd.new, then renames it); plug the SR with SMAPIv1 and let it finish or clean up"
+	case strings.HasPrefix(name, ".journal-"):
+		return "the journal of an unfinished SMAPIv1 resize; plug the SR with SMAPIv1 so that it reverts it"
+	case ext == "qcow2":
+		return "a QCOW2 VDI; luksext adopt takes over VHDs only (copy it to a VHD VDI first, or move it off the SR)"
 	case strings.HasPrefix(name, "relink_") || strings.HasPrefix(name, "coalesce_") || strings.HasPrefix(name, "leaf_"):
 		return "an SMAPIv1 garbage-collector journal: its coalesce is unfinished; plug the SR with SMAPIv1 and let the GC finish"
 	case strings.HasPrefix(name, "OLD_"):
@@ -233,4 +247,48 @@ func unsupported(name string, e os.DirEntry, allowOurs bool) string {
 func hexUUID(u [16]byte) string {
 	h := hex.EncodeToString(u[:])
 	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+}
+
+// fileLog is FileSR's operation log at the SR root (xcp-ng/sm
+// drivers/util.py start_log_entry/end_log_entry): a "log:" line when a
+// snapshot or clone starts, an "end:" line (done or error) when it ends.
+// A finished log is harmless history and stays; an unfinished entry is
+// a snapshot cut short that SMAPIv1 replays at its next attach.
+const fileLog = "filelog.txt"
+
+// unfinishedFileLog says which operation of the log never ended ("" when
+// all did): every "<date> <time> log: <sr path> <vdi path> ..." needs a
+// later "<date> <time> end: <sr path> <vdi path> ..." (FileSR runs them
+// one at a time under its SR lock).
+func unfinishedFileLog(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	open := map[string]int{}
+	var order []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		for i, w := range f {
+			if (w != "log:" && w != "end:") || i+2 >= len(f) {
+				continue
+			}
+			key := f[i+2]
+			if w == "log:" {
+				if open[key] == 0 {
+					order = append(order, key)
+				}
+				open[key]++
+			} else if open[key] > 0 {
+				open[key]--
+			}
+			break
+		}
+	}
+	for _, k := range order {
+		if open[k] > 0 {
+			return "an SMAPIv1 snapshot or clone of " + filepath.Base(k) + " never finished; plug the SR with SMAPIv1 so that it replays it"
+		}
+	}
+	return ""
 }

@@ -182,6 +182,17 @@ func TestScanRefusals(t *testing.T) {
 		{"OLD_ file", "OLD_" + solo + ".vhd", touch("OLD_" + solo + ".vhd")},
 		{"IntelliCache", solo + ".vhdcache", touch(solo + ".vhdcache")},
 		{"unknown file", "notes.txt", touch("notes.txt")},
+		{"unfinished snapshot image", solo + ".vhd.new", touch(solo + ".vhd.new")},
+		{"resize journal", ".journal-" + solo, touch(".journal-" + solo)},
+		{"qcow2 VDI", solo + ".qcow2", touch(solo + ".qcow2")},
+		{"unfinished filelog entry", "never finished", func(t *testing.T, dir string) {
+			log := "2025-01-02 10:00:00.1 log: /var/run/sr-mount/s /var/run/sr-mount/s/" + snap + ".vhd vdi_clone s " + snap + "\n" +
+				"2025-01-02 10:00:01.1 end: /var/run/sr-mount/s /var/run/sr-mount/s/" + snap + ".vhd done\n" +
+				"2025-01-03 10:00:00.1 log: /var/run/sr-mount/s /var/run/sr-mount/s/" + snap + ".vhd vdi_clone s " + snap + " " + leaf + "\n"
+			if err := os.WriteFile(filepath.Join(dir, "filelog.txt"), []byte(log), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}},
 		{"upper-case name", "AAAAAAAA-BBBB-4CCC-8DDD-EEEEEEEEEEEE.vhd", func(t *testing.T, dir string) { mkvhd(t, dir, "AAAAAAAA-BBBB-4CCC-8DDD-EEEEEEEEEEEE") }},
 		{"not a VHD", solo + ".vhd", touch(solo + ".vhd")},
 		{"hard link", "hard links", func(t *testing.T, dir string) {
@@ -231,6 +242,26 @@ func TestScanRefusals(t *testing.T) {
 				t.Fatalf("the refusal does not mention %q: %v", tc.mention, err)
 			}
 		})
+	}
+}
+
+// FileSR's finished operation log and SharedFileSR's hard-link note are
+// history, not data: they stay and do not refuse the SR.
+func TestScanKeepsFinishedFileSRLog(t *testing.T) {
+	dir := t.TempDir()
+	if err := vhd.Create(filepath.Join(dir, solo+".vhd"), 4<<20, vhd.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	log := "2025-01-02 10:00:00.1 log: /var/run/sr-mount/s /var/run/sr-mount/s/" + solo + ".vhd vdi_clone s " + solo + "\n" +
+		"2025-01-02 10:00:01.1 end: /var/run/sr-mount/s /var/run/sr-mount/s/" + solo + ".vhd error\n"
+	for name, body := range map[string]string{"filelog.txt": log, "sm-hardlink.conf": "1"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	plan, err := Scan(dir, nil, false)
+	if err != nil || len(plan.Nodes) != 1 {
+		t.Fatalf("plan %+v err %v", plan, err)
 	}
 }
 

@@ -21,7 +21,10 @@ type srStatus struct {
 	LUKSVersion int    `json:"luks_version"`
 	// State is SR.create's progress marker ("ready"), "" on a disk bound
 	// by hand.
-	State      string       `json:"state,omitempty"`
+	State string `json:"state,omitempty"`
+	// Layout is what sits on the mapping: omitted for ext4 directly,
+	// "lvm" for an SR adopted from SMAPIv1 (luksext adopt).
+	Layout     string       `json:"layout,omitempty"`
 	Mapping    string       `json:"mapping"`
 	Unlocked   bool         `json:"unlocked"`
 	Mountpoint string       `json:"mountpoint,omitempty"`
@@ -70,8 +73,14 @@ func (r statusReport) Text() string {
 			name = "SR " + s.SRUUID
 		}
 		fmt.Fprintf(&b, "%s\n  device:   %s (LUKS%d, uuid %s)\n", name, s.Device, s.LUKSVersion, s.LUKSUUID)
-		if s.State != "" && s.State != luksext.StateReady {
+		switch {
+		case s.State == luksext.StateAdopting:
+			fmt.Fprintf(&b, "  state:    %s (luksext adopt did not finish: run it again)\n", s.State)
+		case s.State != "" && s.State != luksext.StateReady:
 			fmt.Fprintf(&b, "  state:    %s (SR.create did not finish)\n", s.State)
+		}
+		if s.Layout == luksext.LayoutLVM {
+			fmt.Fprintf(&b, "  layout:   lvm (volume group %s, adopted from SMAPIv1)\n", luksext.VGName(s.SRUUID))
 		}
 		fmt.Fprintf(&b, "  unlocked: %s (/dev/mapper/%s)\n", yesNo(s.Unlocked), s.Mapping)
 		if s.Mountpoint != "" {
@@ -186,7 +195,7 @@ func (a *admin) allSRs() []target {
 func (a *admin) statusOf(ctx context.Context, t target) srStatus {
 	s := srStatus{SRUUID: t.SRUUID, Device: t.Dev, LUKSUUID: t.Info.UUID, LUKSVersion: t.Info.Version, Mapping: t.Name, Keyslots: []slotStatus{}}
 	if t.Info.Metadata != nil {
-		s.State = t.Info.Metadata.State
+		s.State, s.Layout = t.Info.Metadata.State, t.Info.Metadata.Layout
 	}
 	s.Unlocked = a.LUKS.IsOpen(t.Name)
 	if t.SRUUID != "" {
