@@ -167,7 +167,7 @@ rm %[9]s.vhd`, bad[0], bad[1], bad[2], bad[3], bad[4], bad[5], handmadeVDIC, h.V
 
 	// Checksums of every image file as SMAPIv1 left them: adopt and the
 	// GC must not change a byte.
-	const sumScript = "ls -il --time-style=+%s *.vhd | awk '{print $1, $6, $7, $8}'; sha256sum *.vhd"
+	const sumScript = "ls -il --time-style=+%s *.vhd filelog.txt | awk '{print $1, $6, $7, $8}'; sha256sum *.vhd filelog.txt"
 	sums := func(t *testing.T, dir string) string { return g.MustRun(t, "cd "+dir+" && "+sumScript) }
 	before := withSRMounted(t, sumScript)
 

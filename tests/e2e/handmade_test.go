@@ -188,17 +188,21 @@ func (h *handmadeSR) write(t *testing.T, g *guest, v *handmadeVDI, ws []lvioWrit
 	g.MustRun(t, script.String())
 }
 
-// snapshot is FileVDI._snapshot(SNAPSHOT_DOUBLE), in the SR's directory.
+// snapshot is FileVDI._snapshot(SNAPSHOT_DOUBLE), in the SR's directory,
+// with the log lines util.start_log_entry and end_log_entry append to
+// <sr>/filelog.txt around it (str(datetime.now()) timestamps).
 func (h *handmadeSR) snapshot(t *testing.T, g *guest, vdi, base, snap string) {
 	t.Helper()
 	g.MustRun(t, fmt.Sprintf(`set -e
 cd %[1]s
+echo "$(date '+%%Y-%%m-%%d %%H:%%M:%%S.%%6N') log: %[1]s %[1]s/%[2]s.vhd vdi_clone %[6]s %[2]s %[4]s" >> filelog.txt
 ln %[2]s.vhd %[3]s.vhd
 %[5]s snapshot -n %[1]s/%[2]s.vhd.new -p %[3]s.vhd
 mv %[1]s/%[2]s.vhd.new %[1]s/%[2]s.vhd
 %[5]s snapshot -n %[1]s/%[4]s.vhd -p %[3]s.vhd
 %[5]s set -n %[1]s/%[3]s.vhd -f hidden -v 1
-`, h.Mount, vdi, base, snap, h.VhdUtil))
+echo "$(date '+%%Y-%%m-%%d %%H:%%M:%%S.%%6N') end: %[1]s %[1]s/%[2]s.vhd done" >> filelog.txt
+`, h.Mount, vdi, base, snap, h.VhdUtil, h.SR))
 }
 
 // check is what SMAPIv1 itself would say of the files: vhd-util check on
@@ -212,7 +216,7 @@ func (h *handmadeSR) check(t *testing.T, g *guest) {
 		names = append(names, v.UUID+".vhd")
 	}
 	ls := g.MustRun(t, "cd "+h.Mount+" && ls")
-	require.ElementsMatch(t, append(names, "lost+found"), strings.Fields(ls), "the SR's files")
+	require.ElementsMatch(t, append(names, "lost+found", "filelog.txt"), strings.Fields(ls), "the SR's files")
 	for _, v := range h.VDIs {
 		out := g.MustRun(t, fmt.Sprintf("cd %s && %s check -n %s && %s query -n %s -p -f -v", h.Mount, h.VhdUtil, h.file(v.UUID), h.VhdUtil, h.file(v.UUID)))
 		lines := strings.Split(strings.TrimSpace(out), "\n")
