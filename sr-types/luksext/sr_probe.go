@@ -41,7 +41,9 @@ func (s *srService) probe(ctx context.Context, p smapi.SRProbeParams) ([]smapi.P
 			cfg := map[string]string{KeyDevice: stable, KeySRUUID: srUUID, KeyLUKSUUID: info.UUID}
 			stat := smapi.SRStat{SR: stable, Name: "luksext SR " + srUUID, UUID: &srUUID, Datasources: []string{}, Health: smapi.Healthy()}
 			extra := map[string]string{"luks_version": strconv.Itoa(info.Version), "bindings": strconv.Itoa(len(info.Bindings))}
-			if md, ok, _ := s.LUKS.ReadMetadata(dev); ok && md.State != stateReady {
+			if md, ok, _ := s.LUKS.ReadMetadata(dev); ok && md.State == stateAdopting {
+				stat.Health = smapi.Unavailable("luksext adopt did not finish on this device; run it again")
+			} else if ok && md.State != stateReady {
 				stat.Health = smapi.Unavailable("SR.create did not finish on this device")
 			}
 			if m, err := readSRMeta(s.mountpoint(srUUID)); err == nil && m.UUID == srUUID {
