@@ -138,7 +138,9 @@ func (m *Manager) openDM(dev, name string, h *header, pass secret.Bytes, slot in
 			return fallback("unknown LUKS2 persistent flag %q", f)
 		}
 	}
+	t0 := time.Now()
 	vol, err := d.UnsealVolume(slot, pass.Expose())
+	tUnseal := time.Since(t0)
 	if errors.Is(err, luksgo.ErrPassphraseDoesNotMatch) {
 		return fmt.Errorf("%s keyslot %d: %w", dev, slot, ErrWrongPassphrase)
 	}
@@ -173,6 +175,7 @@ func (m *Manager) openDM(dev, name string, h *header, pass secret.Bytes, slot in
 	}
 
 	uuid := CryptUUID(h.version, h.uuid, name)
+	t0 = time.Now()
 	info, err := dmCreate(name, uuid)
 	if err != nil {
 		if errors.Is(err, unix.EBUSY) || errors.Is(err, unix.EEXIST) {
@@ -208,10 +211,13 @@ func (m *Manager) openDM(dev, name string, h *header, pass secret.Bytes, slot in
 		}
 		return undo(fmt.Errorf("resuming device-mapper device %s: %w", name, err))
 	}
+	tDM := time.Since(t0)
+	t0 = time.Now()
 	if err := m.waitNode(name, info.Dev, cookie, log); err != nil {
 		return err
 	}
 	setReadAhead(m.MapperPath(name), dev)
+	log.WithFields(logrus.Fields{"ms_keyslot": tUnseal.Milliseconds(), "ms_dm_load": tDM.Milliseconds(), "ms_udev": time.Since(t0).Milliseconds(), "udev_cookie": cookie != nil}).Debug("device-mapper open timings")
 	return nil
 }
 
