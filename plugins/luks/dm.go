@@ -45,6 +45,32 @@ type dmInfo struct {
 func (i dmInfo) live() bool      { return i.Flags&unix.DM_ACTIVE_PRESENT_FLAG != 0 }
 func (i dmInfo) suspended() bool { return i.Flags&unix.DM_SUSPEND_FLAG != 0 }
 
+// ensureDMControl makes /dev/mapper/control when it is missing, as
+// libdevmapper does (libdm/ioctl/libdm-iface.c _create_control): before
+// dm_mod is loaded nothing creates it (a TCG guest's first attach after
+// boot fell back to cryptsetup for that reason). Opening it then loads
+// dm_mod through its char-major-10-236 alias (drivers/char/misc.c
+// misc_open → request_module), as on dom0, where systemd's
+// kmod-static-nodes makes the same node at boot.
+func ensureDMControl() error {
+	const path = "/dev/mapper/control"
+	if _, err := os.Stat(path); err == nil {
+		return nil
+	}
+	if err := os.MkdirAll("/dev/mapper", 0o755); err != nil {
+		return err
+	}
+	const miscMajor, mapperCtrlMinor = 10, 236 // include/linux/miscdevice.h
+	if err := unix.Mknod(path, unix.S_IFCHR|0o600, int(unix.Mkdev(miscMajor, mapperCtrlMinor))); err != nil && !errors.Is(err, unix.EEXIST) {
+		return err
+	}
+	ctl, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	return ctl.Close()
+}
+
 // dmCall runs one ioctl with buf (a DmIoctl header followed by payload).
 func dmCall(cmd uintptr, buf []byte) error {
 	ctl, err := os.OpenFile("/dev/mapper/control", os.O_RDWR, 0)
