@@ -51,6 +51,15 @@ func TestBenchSRAttach(t *testing.T) {
 	ours, theirs = ours/rounds, theirs/rounds
 	fmt.Printf("BENCH SR.attach (whole process, TCG guest, dm-crypt warm): luksext %.0f ms, clevis luks unlock %.0f ms, ratio %.1fx faster\n",
 		ours, theirs, theirs/ours)
+	// What any exec of the plugin costs in this guest (binary read over
+	// 9p, Go start-up, logging set-up): the floor under SR.attach.
+	q := filepath.Join(g.work, "params-bench-query.json")
+	require.NoError(t, os.WriteFile(q, []byte(`{"dbg":"t"}`), 0o600))
+	var floor float64
+	for i := 0; i < rounds; i++ {
+		floor += g.timedMS(t, fmt.Sprintf("%s/Plugin.Query --json <%s >/dev/null", g.volume, q))
+	}
+	fmt.Printf("BENCH SR.attach exec floor (Plugin.Query in the same guest): luksext %.0f ms\n", floor/rounds)
 	printSteps("SR.attach step", steps, rounds)
 
 	// Cold: the kernel's one-time costs by hand, then cryptsetup's cold
