@@ -54,6 +54,9 @@ func (f *FS) Mkfs(ctx context.Context, dev string) error {
 // Fsck checks dev before it is mounted, repairing what e2fsck repairs
 // safely on its own (-p). Exit 1 means "errors corrected", fine to mount.
 func (f *FS) Fsck(ctx context.Context, dev string) (repaired bool, err error) {
+	if clean, _ := cleanExt4(dev, time.Now()); clean {
+		return false, nil
+	}
 	_, err = f.Run.Run(ctx, run.Cmd{Tool: "e2fsck", Args: []string{"-p", dev}, Timeout: 2 * time.Hour})
 	switch code := run.ExitCode(err); {
 	case err == nil:

@@ -35,6 +35,9 @@ type Manager struct {
 	TokenWriter TokenWriter
 	// DevDir is where device nodes live ("/dev"); tests point it elsewhere.
 	DevDir string
+	// OpenWith chooses how Open maps a keyslot (OpenAuto: device-mapper
+	// ioctls, cryptsetup as the fallback).
+	OpenWith OpenMethod
 
 	capsOnce sync.Mutex
 	caps     *Capabilities

@@ -29,7 +29,9 @@ func (m *Manager) IsOpen(name string) bool {
 // (-1: try every slot, slow when an argon2 slot comes first). An existing
 // mapping of that name is success, so a retried SR.attach converges.
 //
-// Only `cryptsetup open --type luks --key-file=- [--key-slot N]` is used:
+// A known keyslot is mapped without cryptsetup (open_dm.go) unless
+// OpenWith says otherwise; cryptsetup opens the rest, with only
+// `cryptsetup open --type luks --key-file=- [--key-slot N]`:
 // it works the same from cryptsetup 1.6 to 2.x, for LUKS1 and LUKS2.
 // dom0 runs kernel 4.19, so no dm-crypt flag newer than that is asked for
 // (--perf-no_read_workqueue and --perf-no_write_workqueue need 5.9); the
@@ -37,11 +39,33 @@ func (m *Manager) IsOpen(name string) bool {
 func (m *Manager) Open(ctx context.Context, dev, name string, pass secret.Bytes, slot int) error {
 	log := m.log.WithFields(logrus.Fields{"dev": dev, "dm_name": name, "keyslot": slot})
 	if m.IsOpen(name) {
+		if err := notOurMapping(dev, name); err != nil {
+			return err
+		}
 		log.Info("dm-crypt mapping already exists")
 		return nil
 	}
-	if _, err := readHeader(dev); err != nil {
+	h, err := readHeader(dev)
+	if err != nil {
 		return err
+	}
+	if live, err := m.cleanStale(h, name, log); err != nil || live {
+		if live {
+			log.Info("dm-crypt mapping already exists (no node yet)")
+			return m.waitNode(name, m.devnoOf(name), nil, log)
+		}
+		return err
+	}
+	if slot >= 0 && m.OpenWith == OpenAuto {
+		err := m.openDM(dev, name, h, pass, slot, log)
+		var fb errFallback
+		if !errors.As(err, &fb) {
+			if err == nil {
+				log.Info("opened dm-crypt mapping with device-mapper ioctls")
+			}
+			return err
+		}
+		log.WithField("reason", fb.reason).Info("opening with cryptsetup instead of device-mapper ioctls")
 	}
 	args := []string{"open", "--type", "luks", "--key-file=-"}
 	if slot >= 0 {

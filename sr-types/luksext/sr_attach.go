@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/smapi"
@@ -20,6 +21,7 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 		return "", smapi.Errorf(smapi.KindInvalidConfiguration, "device-config:%s is missing or not a uuid; it is written by SR.create (use xe sr-probe-ext type=%s to find it)", KeySRUUID, PluginName)
 	}
 	log := smapi.Logger(ctx).WithField("sr_uuid", srUUID)
+	ctx, steps := withAttachSteps(ctx)
 	unlock, err := s.lockSR(ctx, srUUID)
 	if err != nil {
 		return "", err
@@ -37,10 +39,12 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 		return "", smapi.Errorf(smapi.KindInUse, "%s is mounted but is not SR %s; unmount it first", mnt, srUUID)
 	}
 
+	t0 := time.Now()
 	dev, err := s.findDevice(p.Configuration)
 	if err != nil {
 		return "", err
 	}
+	steps.since("find_device", t0)
 	layout := LayoutDirect
 	md, ok, err := s.LUKS.ReadMetadata(dev)
 	if err != nil {
@@ -75,16 +79,20 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 	if err != nil {
 		return "", err
 	}
+	t0 = time.Now()
 	repaired, err := s.FS.Fsck(ctx, fsdev)
+	steps.since("fsck", t0)
 	if err != nil {
 		return "", smapi.Wrap(smapi.KindNeedsAttention, err)
 	}
 	if repaired {
 		log.Warn("e2fsck repaired the SR filesystem (was the host reset while the SR was attached?)")
 	}
+	t0 = time.Now()
 	if err := s.FS.Mount(ctx, fsdev, mnt); err != nil {
 		return "", err
 	}
+	steps.since("mount", t0)
 	meta, err := readSRMeta(mnt)
 	if err == nil && meta.UUID != srUUID {
 		err = smapi.Errorf(smapi.KindSRDoesNotExist, "the filesystem on %s belongs to SR %s, not %s", dev, meta.UUID, srUUID)
@@ -102,14 +110,16 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 		return "", err
 	}
 	if s.GC != nil {
+		t0 = time.Now()
 		if err := s.GC.Start(ctx, mnt); err != nil {
 			log.WithError(err).Warn("could not start the volume garbage collector")
 		}
+		steps.since("gc_start", t0)
 	}
 	if viaRecovery != "" {
 		s.markAutoUnlockBroken(ctx, srUUID, "was opened with the recovery passphrase kept in xapi because automatic unlock failed ("+viaRecovery+")")
 	}
-	log.WithField("mountpoint", mnt).Info("SR attached")
+	log.WithField("mountpoint", mnt).WithFields(steps.fields()).Info("SR attached")
 	return mnt, nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"time"
 
 	"github.com/luksext/luksext/plugins/clevis"
 	"github.com/luksext/luksext/plugins/luks"
@@ -36,13 +37,17 @@ func (s *srService) unlockDeviceVia(ctx context.Context, dev, name string, fallb
 	var failures []string
 	for _, b := range bindings {
 		what := describeBinding(b)
+		t0 := time.Now()
 		pass, err := s.Keys.Decrypt(ctx, b.JWE)
+		attachStepsOf(ctx).since("unseal", t0)
 		if err != nil {
 			log.WithField("keyslot", b.Keyslot).WithError(err).Warn("automatic unlock method failed")
 			failures = append(failures, fmt.Sprintf("%s: %v", what, err))
 			continue
 		}
+		t0 = time.Now()
 		err = s.LUKS.Open(ctx, dev, name, pass, b.Keyslot)
+		attachStepsOf(ctx).since("open", t0)
 		pass.Wipe()
 		if err != nil {
 			failures = append(failures, fmt.Sprintf("%s: %v", what, err))

@@ -27,6 +27,7 @@ import (
 	"github.com/luksext/luksext/plugins/luks"
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/secret"
+	"github.com/luksext/luksext/plugins/testenv"
 	"github.com/luksext/luksext/plugins/tpm"
 	"github.com/luksext/luksext/tests/vm"
 )
@@ -36,6 +37,11 @@ const guestEnv = "LUKSEXT_LUKSVM_GUEST"
 
 func TestVM(t *testing.T) {
 	m := vm.Start(t, vm.Config{Disks: []int64{48 << 20, 48 << 20, 48 << 20}, TPM: true})
+	// dom0's cryptsetup builds, next to the test binary: testDMOpen
+	// compares their mappings with ours.
+	hostDir, _ := m.WorkDir()
+	testenv.Dom0Tree(t, "cryptsetup-1.7.4", hostDir)
+	testenv.Dom0Tree(t, "cryptsetup-2.0.3", hostDir)
 	runInGuest(t, m, "^TestGuest$")
 }
 
@@ -250,4 +256,6 @@ func TestGuest(t *testing.T) {
 		_, rc = sh(t, string(pass.Expose()), "cryptsetup", "open", "--test-passphrase", "--key-file=-", dev)
 		assert.NotEqual(t, 0, rc, "nothing opens an erased device")
 	})
+
+	t.Run("DMOpenMatchesCryptsetup", func(t *testing.T) { testDMOpen(t, "/dev/vdc") })
 }

@@ -27,6 +27,7 @@ var goals = []struct{ prefix, goal string }{
 	{"SR.ls at", "< 50 ms (wall, unloaded host)"},
 	{"Volume.stat at", "not slower"},
 	{"luks open", "≥ 10× faster than clevis"},
+	{"SR.attach (whole", "≥ 10× faster than clevis"},
 	{"plugin-exec-ms", "≤ 2× a plain ELF"},
 	{"Plugin.Query exec vs", "≤ 2×"},
 }

@@ -1,0 +1,140 @@
+//go:build bench
+
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/luksext/luksext/tests/vm"
+)
+
+// TestBenchSRAttach: the installed SR.attach (whole process, exec'd as
+// xapi-storage-script does) against `clevis luks unlock` of the same disk
+// with the same vTPM, in one guest, dm-crypt warmed first; the attach's
+// steps from its "SR attached" log line; then the first attach after a
+// boot (dm-crypt cold), with the kernel's one-time costs measured by hand
+// (modprobe dm_crypt, a first crypt table) and cryptsetup's cold open of
+// another disk, to tell the kernel's share from ours.
+func TestBenchSRAttach(t *testing.T) {
+	g := bootGuest(t, vm.Config{Disks: []int64{48 << 20, 40 << 20}, TPM: true})
+	g.startXAPI(t, map[string]string{})
+	var cfg map[string]string
+	g.ok(t, "SR.create", createParams(sr1, map[string]string{"device": "/dev/vda"}), &cfg)
+	g.ok(t, "SR.detach", map[string]any{"dbg": "t", "sr": "/var/run/sr-mount/" + sr1}, nil)
+	// A LUKS2 disk with a known passphrase for cryptsetup's cold open.
+	key := filepath.Join(g.work, "bench-key")
+	require.NoError(t, os.WriteFile(key, []byte("bench passphrase"), 0o600))
+	g.MustRun(t, "cryptsetup luksFormat -q --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file "+key+" /dev/vdb")
+
+	const rounds = 3
+	var ours, theirs float64
+	steps := map[string]float64{}
+	for i := 0; i < rounds; i++ {
+		ms, st := g.timedAttach(t, cfg)
+		ours += ms
+		for k, v := range st {
+			steps[k] += v
+		}
+		g.ok(t, "SR.detach", map[string]any{"dbg": "t", "sr": "/var/run/sr-mount/" + sr1}, nil)
+		theirs += g.timedMS(t, "clevis luks unlock -d /dev/vda -n bench-clevis")
+		g.MustRun(t, "cryptsetup close bench-clevis")
+	}
+	ours, theirs = ours/rounds, theirs/rounds
+	fmt.Printf("BENCH SR.attach (whole process, TCG guest, dm-crypt warm): luksext %.0f ms, clevis luks unlock %.0f ms, ratio %.1fx faster\n",
+		ours, theirs, theirs/ours)
+	// What any exec of the plugin costs in this guest (binary read over
+	// 9p, Go start-up, logging set-up): the floor under SR.attach.
+	q := filepath.Join(g.work, "params-bench-query.json")
+	require.NoError(t, os.WriteFile(q, []byte(`{"dbg":"t"}`), 0o600))
+	var floor float64
+	for i := 0; i < rounds; i++ {
+		floor += g.timedMS(t, fmt.Sprintf("%s/Plugin.Query --json <%s >/dev/null", g.volume, q))
+	}
+	fmt.Printf("BENCH SR.attach exec floor (Plugin.Query in the same guest): luksext %.0f ms\n", floor/rounds)
+	printSteps("SR.attach step", steps, rounds)
+
+	// Cold: the kernel's one-time costs by hand, then cryptsetup's cold
+	// open of vdb (kernel warm), then our attach.
+	g.Reboot(t)
+	g.startXAPI(t, map[string]string{})
+	g.MustRun(t, "lsmod | awk 'NR>1{print $1}' > /tmp/bench-mods0")
+	mod := g.timedMS(t, "modprobe dm_crypt")
+	fmt.Printf("BENCH first boot cost (kernel): modprobe dm_crypt: luksext %.0f ms\n", mod)
+	table := g.timedMS(t, "dmsetup create bench-cold --table \"0 8 crypt aes-xts-plain64 $(head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \\n') 0 /dev/vdb 0\" && dmsetup remove bench-cold")
+	fmt.Printf("BENCH first boot cost (kernel): first crypt table (xts(aes) instantiation, self-tests): luksext %.0f ms\n", table)
+	csOpen := g.timedMS(t, "cryptsetup open --key-file "+key+" /dev/vdb bench-cs")
+	t.Logf("modules loaded since boot's end (dm_crypt, its crypto, cryptsetup's): %s", g.MustRun(t, "lsmod | awk 'NR>1{print $1}' | grep -vxFf /tmp/bench-mods0 || true"))
+	g.MustRun(t, "cryptsetup close bench-cs")
+	fmt.Printf("BENCH cryptsetup open after the kernel's first crypt table: first %.0f ms\n", csOpen)
+	csOpen2 := g.timedMS(t, "cryptsetup open --key-file "+key+" /dev/vdb bench-cs")
+	g.MustRun(t, "cryptsetup close bench-cs")
+	afterKernel, st := g.timedAttach(t, cfg)
+	fmt.Printf("BENCH cryptsetup open, second: %.0f ms\n", csOpen2)
+	fmt.Printf("BENCH first SR.attach after boot, kernel warmed by hand: luksext %.0f ms\n", afterKernel)
+	printSteps("first SR.attach (kernel warm) step", st, 1)
+	g.ok(t, "SR.detach", map[string]any{"dbg": "t", "sr": "/var/run/sr-mount/" + sr1}, nil) // a clean reboot
+
+	g.Reboot(t)
+	g.startXAPI(t, map[string]string{})
+	cold, st := g.timedAttach(t, cfg)
+	fmt.Printf("BENCH first SR.attach after boot, dm-crypt cold: luksext %.0f ms\n", cold)
+	printSteps("first SR.attach (cold) step", st, 1)
+}
+
+func printSteps(what string, steps map[string]float64, n int) {
+	var names []string
+	for k := range steps {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	for _, k := range names {
+		fmt.Printf("BENCH %s %s: luksext %.1f ms\n", what, strings.TrimPrefix(k, "ms_"), steps[k]/float64(n))
+	}
+}
+
+// timedMS runs script in the guest and returns its wall time there.
+func (g *guest) timedMS(t *testing.T, script string) float64 {
+	t.Helper()
+	out := g.MustRun(t, fmt.Sprintf("t0=$(date +%%s%%N); ( %s ) >&2 || exit 1; t1=$(date +%%s%%N); echo \"NS=$((t1-t0))\"", script))
+	i := strings.LastIndex(out, "NS=")
+	require.GreaterOrEqual(t, i, 0, out)
+	ns, err := strconv.ParseFloat(strings.TrimSpace(out[i+3:]), 64)
+	require.NoError(t, err, out)
+	return ns / 1e6
+}
+
+var stepField = regexp.MustCompile(`\b(ms_[a-z_]+)=([0-9.]+)`)
+
+// timedAttach runs SR.attach as xapi-storage-script does and returns its
+// wall time and the steps of its "SR attached" log line.
+func (g *guest) timedAttach(t *testing.T, cfg map[string]string) (float64, map[string]float64) {
+	t.Helper()
+	in := filepath.Join(g.work, "params-bench-attach.json")
+	require.NoError(t, os.WriteFile(in, []byte(fmt.Sprintf(`{"dbg":"t","configuration":{"device":%q,"sr_uuid":%q,"luks-uuid":%q}}`,
+		cfg["device"], cfg["sr_uuid"], cfg["luks-uuid"])), 0o600))
+	log := filepath.Join(g.work, "bench-attach.log")
+	ms := g.timedMS(t, fmt.Sprintf("LUKSEXT_LOG_LEVEL=debug LUKSEXT_XAPI_SOCKET=/run/fakexapi.sock %s/SR.attach --json <%s >/dev/null 2>%s", g.volume, in, log))
+	b, err := os.ReadFile(log)
+	require.NoError(t, err)
+	t.Logf("SR.attach's log (%.0f ms):\n%s", ms, b)
+	steps := map[string]float64{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "SR attached") {
+			for _, m := range stepField.FindAllStringSubmatch(l, -1) {
+				v, _ := strconv.ParseFloat(m[2], 64)
+				steps[m[1]] = v
+			}
+		}
+	}
+	require.NotEmpty(t, steps, "no step timings in the SR attached line:\n%s", b)
+	return ms, steps
+}
