@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -167,34 +168,17 @@ func (v *volumes) vdi(key string) (store.Node, error) {
 	return n, err
 }
 
-// toVolume renders a VDI record for xapi.
+// toVolume renders a VDI record for xapi: its own copy of the keys, and
+// the leaf's allocated bytes now (tapdisk grows images behind our back).
 func (v *volumes) toVolume(n store.Node) smapi.Volume {
 	var phys int64
 	var st syscall.Stat_t
 	if err := syscall.Stat(v.st.ImagePath(n), &st); err == nil {
 		phys = st.Blocks * 512
 	}
-	return v.volumeOf(n, phys)
-}
-
-// volumeOf renders a VDI record whose leaf occupies phys bytes.
-func (v *volumes) volumeOf(n store.Node, phys int64) smapi.Volume {
-	keys := map[string]string{}
-	for k, val := range n.VDI.Keys {
-		keys[k] = val
-	}
-	n.VDI = &store.VDI{Name: n.VDI.Name, Description: n.VDI.Description, ReadWrite: n.VDI.ReadWrite, Sharable: n.VDI.Sharable, Keys: keys}
-	return v.volumeOfOwned(n, phys)
-}
-
-// volumeOfOwned is volumeOf for a node the caller owns: the volume shares
-// its keys map (a nil map becomes an empty one).
-func (v *volumes) volumeOfOwned(n store.Node, phys int64) smapi.Volume {
+	keys := make(map[string]string, len(n.VDI.Keys))
+	maps.Copy(keys, n.VDI.Keys)
 	uuid := n.ID
-	keys := n.VDI.Keys
-	if keys == nil {
-		keys = map[string]string{}
-	}
 	path := v.st.SR + "/" + n.File()
 	return smapi.Volume{
 		Key: n.ID, UUID: &uuid, Name: n.VDI.Name, Description: n.VDI.Description,
