@@ -142,15 +142,22 @@ func Held(path string, mode Mode) (bool, error) {
 	return false, nil // closing f drops the probe lock
 }
 
-// tryFlock takes a non-blocking flock in mode, retrying when a signal
-// interrupts the call; EWOULDBLOCK means another holder excludes it.
+// tryFlock takes a non-blocking flock in mode; EWOULDBLOCK means another
+// holder excludes it.
 func tryFlock(f *os.File, mode Mode) error {
 	how := syscall.LOCK_SH
 	if mode == Exclusive {
 		how = syscall.LOCK_EX
 	}
+	return Flock(int(f.Fd()), how|syscall.LOCK_NB)
+}
+
+// Flock is flock(2) on fd, retried when a signal interrupts it. For
+// callers that lock a file they also read and write through the same
+// descriptor (Acquire's files are lock files only).
+func Flock(fd, how int) error {
 	for {
-		err := syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB)
+		err := syscall.Flock(fd, how)
 		if err != syscall.EINTR {
 			return err
 		}

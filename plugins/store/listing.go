@@ -16,6 +16,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/luksext/luksext/plugins/lock"
 )
 
 // The listing cache makes SR.ls at thousands of volumes cost one file
@@ -87,7 +89,7 @@ func (s Store) beginChange() (func(), error) {
 		return nil, fmt.Errorf("SR metadata generation: %w", err)
 	}
 	fd := int(f.Fd())
-	if err := flock(fd, unix.LOCK_SH); err != nil {
+	if err := lock.Flock(fd, unix.LOCK_SH); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
 	}
@@ -106,15 +108,6 @@ func (s Store) beginChange() (func(), error) {
 	return func() { f.Close() }, nil
 }
 
-func flock(fd, how int) error {
-	for {
-		err := unix.Flock(fd, how)
-		if err != unix.EINTR {
-			return err
-		}
-	}
-}
-
 // currentTag reads the generation and the nodes directory's stat. With
 // exclusive, it first takes the generation lock without waiting, and
 // reports ok=false when a writer holds it (a change is in progress). A
@@ -130,7 +123,7 @@ func (s Store) currentTag(exclusive bool) (listingTag, bool) {
 		return t, false
 	}
 	defer f.Close()
-	if exclusive && flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) != nil {
+	if exclusive && lock.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) != nil {
 		return t, false
 	}
 	n, err := f.ReadAt(t.gen[:], 0)
