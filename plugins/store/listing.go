@@ -151,7 +151,7 @@ func (s Store) currentTag(exclusive bool) (listingTag, bool) {
 }
 
 // ListingCurrent reports whether the listing cache is current, i.e.
-// whether the next ListCached is answered from it (tests, diagnostics).
+// whether the next Listing is answered from it (tests, diagnostics).
 func (s Store) ListingCurrent() bool {
 	t, ok := s.currentTag(false)
 	if !ok {
@@ -173,7 +173,7 @@ type Listing struct {
 
 // KeysJSON is the keys object of Nodes[i], a VDI.
 func (l Listing) KeysJSON(i int) string {
-	if l.keys[i] == nilKeysJSON {
+	if l.nilKeys(i) {
 		return "{}"
 	}
 	return l.keys[i]
@@ -205,23 +205,6 @@ func (s Store) Listing() (Listing, error) {
 		_ = s.saveListing(b)
 	}
 	return l, nil
-}
-
-// ListCached is Listing with every VDI's keys as a map, as List returns
-// them (tests; Listing is what SR.ls uses).
-func (s Store) ListCached() ([]Node, error) {
-	l, err := s.Listing()
-	if err != nil {
-		return nil, err
-	}
-	for i, n := range l.Nodes {
-		if n.VDI != nil && !l.nilKeys(i) {
-			if err := json.Unmarshal([]byte(l.keys[i]), &n.VDI.Keys); err != nil {
-				return nil, err
-			}
-		}
-	}
-	return l.Nodes, nil
 }
 
 // nilKeys: the record had no keys object at all (KeysJSON says "{}").
