@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"strconv"
+	"strings"
 	"time"
 	"unsafe"
 
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
 
@@ -247,4 +250,59 @@ func (c *udevCookie) wait(d time.Duration) bool {
 			return false
 		}
 	}
+}
+
+// reapOrphanCookies removes the udev cookie semaphores that an open killed
+// between making its cookie and the resume ioctl left behind: nobody waits
+// for them and udev never completes them, so they would stay until
+// reboot. libdevmapper leaves such a cookie of a killed dmsetup or
+// cryptsetup too (libdm/libdm-common.c never reclaims one; `dmsetup
+// udevcomplete_all` is the administrator's tool); this removes only what
+// is provably orphaned, where udevcomplete_all would also remove cookies
+// that live processes wait for. An orphan: DM_COOKIE_MAGIC key, one
+// semaphore, never operated on (otime 0: libdevmapper increments its
+// cookie with semop before any ioctl, dmsetup udevcomplete decrements it),
+// still at the initial 1, and the process that set that value (SETVAL
+// records its pid, ipc/sem.c semctl_setval) is gone.
+func reapOrphanCookies(log logrus.FieldLogger) {
+	for _, semid := range orphanCookies() {
+		if _, _, errno := unix.Syscall(unix.SYS_SEMCTL, uintptr(semid), 0, unix.IPC_RMID); errno == 0 {
+			log.WithField("semid", semid).Info("removed the udev cookie of an interrupted open")
+		}
+	}
+}
+
+// orphanCookies lists the semids of orphaned udev cookies (reapOrphanCookies).
+func orphanCookies() []int {
+	b, err := os.ReadFile("/proc/sysvipc/sem")
+	if err != nil {
+		return nil
+	}
+	const getpid, getval = 11, 12 // include/uapi/linux/sem.h
+	var ids []int
+	lines := strings.Split(string(b), "\n")
+	for _, l := range lines[min(1, len(lines)):] {
+		// key semid perms nsems uid gid cuid cgid otime ctime
+		f := strings.Fields(l)
+		if len(f) < 10 {
+			continue
+		}
+		key, err1 := strconv.ParseInt(f[0], 10, 64)
+		semid, err2 := strconv.Atoi(f[1])
+		if err1 != nil || err2 != nil || uint32(key)>>16 != dmCookieMagic || f[3] != "1" || f[8] != "0" {
+			continue
+		}
+		val, _, errno := unix.Syscall(unix.SYS_SEMCTL, uintptr(semid), 0, getval)
+		if errno != 0 || val != 1 {
+			continue
+		}
+		pid, _, errno := unix.Syscall(unix.SYS_SEMCTL, uintptr(semid), 0, getpid)
+		if errno != 0 || int(pid) <= 0 {
+			continue
+		}
+		if unix.Kill(int(pid), 0) == unix.ESRCH {
+			ids = append(ids, semid)
+		}
+	}
+	return ids
 }

@@ -86,7 +86,17 @@ func (m *Manager) Open(ctx context.Context, dev, name string, pass secret.Bytes,
 // mounted or held open fails with ErrBusy.
 func (m *Manager) Close(ctx context.Context, name string) error {
 	if !m.IsOpen(name) {
-		return nil
+		// No node; device-mapper may still hold a device of this name:
+		// half made by an open killed before its resume (udev makes the
+		// node only for a live table), or live without a node (udev not
+		// running and the open killed before it made one).
+		info, err := dmStatus(name)
+		if err != nil {
+			return nil // ENXIO: nothing to close; or no device-mapper here
+		}
+		if !info.live() {
+			return m.removeHalfMade(name, info, m.log.WithField("dm_name", name))
+		}
 	}
 	m.log.WithField("dm_name", name).Info("closing dm-crypt mapping")
 	if _, err := m.cryptsetup(ctx, name, run.Cmd{Args: []string{"close", name}}); err != nil {

@@ -111,11 +111,24 @@ func (m *Manager) cleanStale(h *header, name string, log logrus.FieldLogger) (li
 	if info.live() {
 		return false, fmt.Errorf("%s is suspended (cryptsetup luksSuspend?); resume it with cryptsetup luksResume %s: %w", name, name, ErrBusy)
 	}
+	return false, m.removeHalfMade(name, info, log)
+}
+
+// removeHalfMade removes a device that an interrupted open left without a
+// live table (it holds no data and nothing can have it mounted), and the
+// udev cookie that open may have left (reapOrphanCookies). A device of
+// this name that no LUKS open made (its DM uuid is not cryptsetup's for
+// this name) is refused: it is someone else's.
+func (m *Manager) removeHalfMade(name string, info dmInfo, log logrus.FieldLogger) error {
+	if !strings.HasPrefix(info.UUID, "CRYPT-LUKS") || !strings.HasSuffix(info.UUID, "-"+name) {
+		return fmt.Errorf("a device-mapper device named %s exists with uuid %q, which no LUKS open of this name makes; remove it (dmsetup remove %s) if it is stale: %w", name, info.UUID, name, ErrBusy)
+	}
 	log.WithField("dm_flags", fmt.Sprintf("%#x", info.Flags)).Warn("removing a half-created dm-crypt device left by an interrupted open")
 	if err := dmRemove(name); err != nil && !errors.Is(err, unix.ENXIO) {
-		return false, fmt.Errorf("removing the half-created device-mapper device %s: %w", name, err)
+		return fmt.Errorf("removing the half-created device-mapper device %s: %w", name, err)
 	}
-	return false, nil
+	reapOrphanCookies(log)
+	return nil
 }
 
 // openDM maps keyslot slot of dev as name with device-mapper ioctls. An
