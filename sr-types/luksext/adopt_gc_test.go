@@ -67,3 +67,50 @@ func TestGCRefusesHalfAdoptedSR(t *testing.T) {
 		t.Fatalf("without the journal the GC keeps an unrecorded old VHD (%v): the guard above proved nothing", err)
 	}
 }
+
+// A running collector (`volume gc <sr>`, not -once) asks the same
+// question between passes: it exits when an adoption starts on its SR
+// (the adopt journal appears) and when the SR is no longer attached
+// (its record is gone).
+func TestRunningGCExitsWhenSRMayNotBeCollected(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		cause func(t *testing.T, sr string)
+	}{
+		{"adoption started", func(t *testing.T, sr string) {
+			if err := os.WriteFile(filepath.Join(sr, store.MetaDir, "adopt.json"), []byte(`{"schema":1}`), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"SR detached", func(t *testing.T, sr string) {
+			if err := os.Remove(filepath.Join(sr, luksext.SRMetaFile)); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sr := luksexttest.NewSR(t).Path
+			for _, d := range []string{"locks", "gc"} {
+				if err := os.MkdirAll(filepath.Join(sr, store.MetaDir, d), 0o700); err != nil {
+					t.Fatal(err)
+				}
+			}
+			done := make(chan int, 1)
+			go func() { done <- luksext.RunGC([]string{sr, "-interval", "20ms"}) }()
+			select {
+			case rc := <-done:
+				t.Fatalf("the collector of an attached SR exited (%d) before anything changed", rc)
+			case <-time.After(300 * time.Millisecond):
+			}
+			tc.cause(t, sr)
+			select {
+			case rc := <-done:
+				if rc != 0 {
+					t.Fatalf("collector exit code %d", rc)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the collector still runs")
+			}
+		})
+	}
+}

@@ -41,13 +41,6 @@ func readSRMeta(sr string) (SRMeta, error) {
 	return m, nil
 }
 
-// CheckAttached fails with Sr_not_attached unless a luksext SR is mounted
-// at sr.
-func CheckAttached(sr string) error {
-	_, err := readSRMeta(sr)
-	return err
-}
-
 // writeSRMeta replaces the SR record atomically (temp file, fsync, rename,
 // directory fsync), so a crash leaves the old or the new record, never a
 // torn one.

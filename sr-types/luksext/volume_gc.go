@@ -223,8 +223,8 @@ var errGCRunning = errors.New("a garbage collector already runs for this SR")
 // files without a record (after OrphanAge): it must not run.
 var ErrAdoptionPending = errors.New("the adoption of this SR (luksext adopt) is not complete; the garbage collector does not run until it is (rerun luksext adopt)")
 
-// refuseHalfAdopted is the GC's start guard (StartGCFrom, runGC) and part
-// of its liveness check: no pass on an SR whose adopt journal exists.
+// refuseHalfAdopted is StartGCFrom's guard and half of gcMayCollect: no
+// pass on an SR whose adopt journal exists.
 func refuseHalfAdopted(sr string) error {
 	pending, err := AdoptionPending(sr)
 	if err != nil {
@@ -236,11 +236,19 @@ func refuseHalfAdopted(sr string) error {
 	return nil
 }
 
-func runGC(ctx context.Context, sr string, interval time.Duration, once bool, d VolumeDeps, fault func(string), log logrus.FieldLogger) error {
-	if err := CheckAttached(sr); err != nil {
+// gcMayCollect is the one "may this SR be collected" predicate, asked
+// before the first pass, before each pass with -once and between passes
+// of a running collector: a luksext SR is mounted at sr (its record reads,
+// else Sr_not_attached) and no adoption of it is half done.
+func gcMayCollect(sr string) error {
+	if _, err := readSRMeta(sr); err != nil {
 		return err
 	}
-	if err := refuseHalfAdopted(sr); err != nil {
+	return refuseHalfAdopted(sr)
+}
+
+func runGC(ctx context.Context, sr string, interval time.Duration, once bool, d VolumeDeps, fault func(string), log logrus.FieldLogger) error {
+	if err := gcMayCollect(sr); err != nil {
 		return err
 	}
 	st := store.New(sr)
@@ -273,7 +281,7 @@ func runGC(ctx context.Context, sr string, interval time.Duration, once bool, d 
 	}
 	if once {
 		for {
-			if err := refuseHalfAdopted(sr); err != nil {
+			if err := gcMayCollect(sr); err != nil {
 				return err
 			}
 			changed, err := c.Pass(ctx)
@@ -282,7 +290,7 @@ func runGC(ctx context.Context, sr string, interval time.Duration, once bool, d 
 			}
 		}
 	}
-	return c.Run(ctx, interval, func() bool { return CheckAttached(sr) == nil && refuseHalfAdopted(sr) == nil })
+	return c.Run(ctx, interval, func() bool { return gcMayCollect(sr) == nil })
 }
 
 // collector is the SR's garbage collector with this call's edges: images,
