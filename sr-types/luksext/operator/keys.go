@@ -355,13 +355,7 @@ func (a *admin) unbind(ctx context.Context) (report, error) {
 		return nil, err
 	}
 	existing.Wipe()
-	if err := a.writeJournal(t, keyJournal{Op: "unbind", New: -1, Old: []int{slot}}); err != nil {
-		return nil, err
-	}
-	if err := a.removeSlot(ctx, t.Dev, slot); err != nil {
-		return nil, err
-	}
-	if err := a.dropJournal(t); err != nil {
+	if err := a.removeSlots(ctx, t, "unbind", []int{slot}); err != nil {
 		return nil, err
 	}
 	_, view, _ := policyOf(b.JWE)
@@ -487,19 +481,26 @@ func (a *admin) recoveryRemove(ctx context.Context) (report, error) {
 		return nil, err
 	}
 	existing.Wipe()
-	if err := a.writeJournal(t, keyJournal{Op: "recovery remove", New: -1, Old: old}); err != nil {
-		return nil, err
-	}
-	for _, o := range old {
-		if err := a.removeSlot(ctx, t.Dev, o); err != nil {
-			return nil, err
-		}
-	}
-	if err := a.dropJournal(t); err != nil {
+	if err := a.removeSlots(ctx, t, "recovery remove", old); err != nil {
 		return nil, err
 	}
 	return keyChange{SR: t.SRUUID, Device: t.Dev, Action: "recovery remove", Changed: true, OldKeyslots: old, AuthorisedBy: by, Settled: st,
 		Message: fmt.Sprintf("%s: recovery passphrase keyslot(s) %s removed.", t.describe(), joinInts(old))}, nil
+}
+
+// removeSlots removes keyslots (and their bindings) under the key-change
+// journal, so that a run killed half-way is finished by the next one
+// (settle).
+func (a *admin) removeSlots(ctx context.Context, t target, op string, slots []int) error {
+	if err := a.writeJournal(t, keyJournal{Op: op, New: -1, Old: slots}); err != nil {
+		return err
+	}
+	for _, o := range slots {
+		if err := a.removeSlot(ctx, t.Dev, o); err != nil {
+			return err
+		}
+	}
+	return a.dropJournal(t)
 }
 
 func joinInts(v []int) string {
