@@ -203,7 +203,8 @@ func (m *Manager) openDM(dev, name string, h *header, pass secret.Bytes, slot in
 		return fallback("device-mapper create: %v", err)
 	}
 	// From here on, every failure removes the device: never a half-made
-	// mapping (a kill -9 in between is cleaned by cleanStale on rerun).
+	// mapping (after a kill -9 in between, the next Open (cleanStale) or
+	// Close removes it, tests/e2e TestDMOpenCrashAndNoUdev).
 	undo := func(cause error) error {
 		if rerr := dmRemove(name); rerr != nil && !errors.Is(rerr, unix.ENXIO) {
 			log.WithError(rerr).Warn("could not remove the half-created device-mapper device; the next open removes it")
