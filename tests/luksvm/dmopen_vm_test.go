@@ -173,16 +173,31 @@ func testDMOpen(t *testing.T, dev string) {
 		assert.Contains(t, mustSh(t, "", "dmsetup", "table", name), "crypt aes-xts-plain64")
 		require.NoError(t, m.Close(ctx, name))
 
+		// Close (SR.detach) instead of a rerun: the half-made device goes
+		// too, though it has no /dev/mapper node.
+		mustSh(t, "", "dmsetup", "create", name, "--notable", "-u", dmUUID)
+		require.False(t, m.IsOpen(name))
+		require.NoError(t, m.Close(ctx, name))
+		mustSh(t, "", "dmsetup", "create", name, "--notable", "-u", dmUUID)
+		mustSh(t, "", "dmsetup", "load", name, "--table", "0 8 zero")
+		require.NoError(t, m.Close(ctx, name))
+		_, rc := sh(t, "", "dmsetup", "info", name)
+		require.NotEqual(t, 0, rc, "Close removed the half-made device")
+
 		// Someone else's device of that name is left alone.
 		mustSh(t, "", "dmsetup", "create", name, "--table", "0 8 zero")
 		err := m.Open(ctx, dev, name, secret.FromString(pw), 0)
 		require.ErrorIs(t, err, luks.ErrBusy)
 		assert.Contains(t, mustSh(t, "", "dmsetup", "table", name), "zero")
 		mustSh(t, "", "dmsetup", "remove", name)
+		mustSh(t, "", "dmsetup", "create", name, "--notable", "-u", "someone-else")
+		require.ErrorIs(t, m.Close(ctx, name), luks.ErrBusy)
+		mustSh(t, "", "dmsetup", "info", name)
+		mustSh(t, "", "dmsetup", "remove", name)
 
 		// A wrong key leaves nothing behind.
 		require.ErrorIs(t, m.Open(ctx, dev, name, secret.FromString("wrong"), 0), luks.ErrWrongPassphrase)
-		_, rc := sh(t, "", "dmsetup", "info", name)
+		_, rc = sh(t, "", "dmsetup", "info", name)
 		require.NotEqual(t, 0, rc)
 	})
 
