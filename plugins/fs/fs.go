@@ -1,6 +1,7 @@
 // Package fs does the ext4 and mount work of an SR: mkfs, fsck, mount,
-// unmount, "is this mounted", and space figures. Commands go through a
-// run.Runner; mount state is read from /proc/self/mountinfo, never guessed.
+// unmount, "is this mounted", and space figures. mkfs and e2fsck go through
+// a run.Runner; mount and unmount are the kernel's calls (a Mounter); mount
+// state is read from /proc/self/mountinfo, never guessed.
 package fs
 
 import (
@@ -30,6 +31,8 @@ type FS struct {
 	Run run.Runner
 	// MountInfo is /proc/self/mountinfo; tests point it elsewhere.
 	MountInfo string
+	// Sys mounts and unmounts; nil is the kernel (KernelMounter).
+	Sys Mounter
 }
 
 // New returns an FS on r.
@@ -84,8 +87,9 @@ func (f *FS) Mount(ctx context.Context, dev, dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	if _, err := f.Run.Run(ctx, run.Cmd{Tool: "mount", Args: []string{"-t", "ext4", dev, dir}}); err != nil {
-		return fmt.Errorf("mounting %s at %s: %w", dev, dir, err)
+	src := canonicalDevice(dev)
+	if err := f.sys().Mount(src, dir, "ext4"); err != nil {
+		return mountError(src, dir, err)
 	}
 	// An SR's files are decrypted VM disks and their metadata: root only
 	// (mkfs.ext4 makes the root directory 0755; xapi-storage-script and
@@ -103,7 +107,7 @@ func (f *FS) Unmount(ctx context.Context, dir string) error {
 		return err
 	}
 	if ok {
-		if _, err := f.Run.Run(ctx, run.Cmd{Tool: "umount", Args: []string{dir}}); err != nil {
+		if err := f.sys().Unmount(dir); err != nil {
 			// umount also fails for "not mounted" (a race with another
 			// detach): only a mount that is still there is an error.
 			if _, still, merr := f.MountedAt(dir); merr != nil || still {

@@ -73,8 +73,6 @@ var DefaultPaths = Paths{
 	"tune2fs":    "/usr/sbin/tune2fs",
 	"blkid":      "/usr/sbin/blkid",
 	"wipefs":     "/usr/sbin/wipefs",
-	"mount":      "/usr/bin/mount",
-	"umount":     "/usr/bin/umount",
 	"udevadm":    "/usr/bin/udevadm",
 	"tap-ctl":    "/usr/sbin/tap-ctl",
 	"vhd-util":   "/usr/bin/vhd-util",

@@ -89,7 +89,7 @@ func VolumeTable(d Deps) smapi.Table {
 			return VolumeQuery(), nil
 		}),
 		smapi.Handle("Plugin.diagnostics", smapi.ResultString, func(context.Context, smapi.DbgParams) (string, error) {
-			return diagnostics("volume", d.Paths, []string{"cryptsetup", "mkfs.ext4", "e2fsck", "mount", "umount", "blkid"}), nil
+			return diagnostics("volume", d.Paths, []string{"cryptsetup", "mkfs.ext4", "e2fsck", "blkid"}), nil
 		}),
 	)...)
 }

@@ -172,8 +172,9 @@ func (s *srService) detach(ctx context.Context, p smapi.SRParams) (smapi.Unit, e
 
 func (s *srService) teardown(ctx context.Context, srUUID string) error {
 	mnt := s.mountpoint(srUUID)
-	// umount(8) follows a symlink: a link planted at the mountpoint would
-	// unmount whatever it points to.
+	// Unmounting through a link planted at the mountpoint would unmount
+	// whatever it points to (fs.KernelMounter also refuses to follow one;
+	// this says why in words).
 	if st, err := os.Lstat(mnt); err == nil && st.Mode()&os.ModeSymlink != 0 {
 		return smapi.Errorf(smapi.KindNeedsAttention, "SR mountpoint %s is a symbolic link, which luksext never makes; refusing to unmount what it points to (remove it: rm %s)", mnt, mnt)
 	}

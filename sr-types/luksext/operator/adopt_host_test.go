@@ -14,6 +14,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/luksext/luksext/plugins/fs"
 	"github.com/luksext/luksext/plugins/luks"
@@ -113,31 +114,39 @@ func (w *dmWorld) Run(ctx context.Context, c run.Cmd) (run.Result, error) {
 		return run.Result{}, nil
 	case c.Tool == "e2fsck":
 		return run.Result{}, nil
-	case c.Tool == "mount":
-		dev, dir := a[len(a)-2], a[len(a)-1]
-		if dev != w.lv() || !w.vgActive {
-			return w.fail(c, "special device "+dev+" does not exist")
-		}
-		if err := os.Remove(dir); err != nil {
-			return run.Result{}, err
-		}
-		if err := os.Rename(w.lvfs, dir); err != nil {
-			return run.Result{}, err
-		}
-		w.mounts[dir] = dev
-		return run.Result{}, w.writeMountinfo()
-	case c.Tool == "umount":
-		dir := a[0]
-		if err := os.Rename(dir, w.lvfs); err != nil {
-			return run.Result{}, err
-		}
-		delete(w.mounts, dir)
-		if err := os.Mkdir(dir, 0o700); err != nil {
-			return run.Result{}, err
-		}
-		return run.Result{}, w.writeMountinfo()
 	}
 	return w.real.Run(ctx, c)
+}
+
+// Mount moves the LV's filesystem to the mountpoint (mount(2) of the LV).
+func (w *dmWorld) Mount(dev, dir, fstype string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if dev != w.lv() || !w.vgActive || fstype != "ext4" {
+		return fmt.Errorf("mount -t %s %s: %w", fstype, dev, unix.ENOENT)
+	}
+	if err := os.Remove(dir); err != nil {
+		return err
+	}
+	if err := os.Rename(w.lvfs, dir); err != nil {
+		return err
+	}
+	w.mounts[dir] = dev
+	return w.writeMountinfo()
+}
+
+// Unmount moves it back (umount(2)).
+func (w *dmWorld) Unmount(dir string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := os.Rename(dir, w.lvfs); err != nil {
+		return err
+	}
+	delete(w.mounts, dir)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return err
+	}
+	return w.writeMountinfo()
 }
 
 func (w *dmWorld) writeMountinfo() error {
@@ -197,7 +206,7 @@ func seed01SR(t *testing.T, f *hostFixture) (*dmWorld, string) {
 	lm := luks.New(w, f.deps.Log)
 	lm.DevDir = w.devDir
 	f.deps.SR.LUKS = lm
-	f.deps.SR.FS = &fs.FS{Run: w, MountInfo: w.mountinfo}
+	f.deps.SR.FS = &fs.FS{Run: w, MountInfo: w.mountinfo, Sys: w}
 	f.deps.SR.LVM = lvm.LVM{Run: w}
 	f.deps.SR.DevDir = w.devDir
 	return w, img
