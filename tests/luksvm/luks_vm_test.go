@@ -258,4 +258,5 @@ func TestGuest(t *testing.T) {
 	})
 
 	t.Run("DMOpenMatchesCryptsetup", func(t *testing.T) { testDMOpen(t, "/dev/vdc") })
+	t.Run("KernelMountOfADeviceMapperLink", testKernelMount)
 }
