@@ -130,7 +130,8 @@ func newSR(t *testing.T) *sr {
 	s := &sr{t: t, dir: fake.Path, handles: fake.Check(), model: map[string][]byte{}}
 	s.tapctl = runfake.New()
 	s.blktap = tapdiskfake.New(s.tapctl)
-	s.dp = &attachment.Manager{Ctl: tapdisk.Ctl{Runner: s.tapctl}, Dir: filepath.Join(t.TempDir(), "datapath"), Log: quietLog()}
+	s.dp = &attachment.Manager{Ctl: tapdisk.Ctl{Runner: s.tapctl}, Dir: filepath.Join(t.TempDir(), "datapath"), Log: quietLog(),
+		Closed: luksext.ImageClosed} // as the datapath plugin's
 	table := luksext.VolumeTable(luksext.Deps{Paths: run.DefaultPaths, Volumes: s.deps()})
 	inv := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify, Log: quietLog()}}
 	s.ctx = &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: inv, Table: table}}

@@ -1,0 +1,503 @@
+package luksext
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+	"sort"
+	"strconv"
+	"sync/atomic"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/luksext/luksext/plugins/smapi"
+	"github.com/luksext/luksext/plugins/store"
+	"github.com/luksext/luksext/plugins/tapdisk"
+)
+
+// SR.ls at 10 000 volumes. Its reply is ~3.5 MB of JSON whose only
+// part that changes without a record changing is physical_utilisation,
+// the leaf's allocated bytes; one stat per leaf was most of the call.
+// So SR.ls keeps its whole last reply in <sr>/.luksext/volumes.cache,
+// with where each VDI's physical_utilisation digits sit, tagged by
+//
+//   - the records' tag (store.ListingTag: generation and nodes directory,
+//     bumped before every record change),
+//   - the allocation tag (store.AllocTag: the allocation epoch, the boot
+//     id and the SR root directory's stat),
+//   - the SR path the URIs were rendered with,
+//
+// and protected by a CRC-32C. A call whose tags all match copies the
+// reply and stats only the leaves that have a datapath record (a tapdisk
+// may be writing them: they are always stat'ed now). With only the
+// allocation tag changed, it stats every leaf and rewrites the numbers;
+// otherwise it renders the records anew (store.Listing) with a stat of
+// every leaf. The cache is derived data, never the source of truth: a
+// missing, damaged or odd one is rebuilt from the records and stats.
+//
+// Why a cached allocation is exact. A cache's numbers are stats made
+// after its allocation tag and the datapath records were read. Every
+// writer of a leaf image is either
+//
+//   - a tapdisk (a VM, or dom0's u0_ attaches for import/export): the
+//     datapath writes its record before tapdisk opens the image, keeps it
+//     while the image is open, paused or half torn down, and removes it
+//     only after the image was closed for good and the allocation epoch
+//     bumped (attachment.Manager.Closed, ImageClosed). SR.ls reads the
+//     records before the tags: no record seen means the epoch bump that
+//     followed the last close is seen too. A host crash loses the
+//     records, the tapdisks and any epoch write not yet on disk, and
+//     changes the boot id;
+//   - a volume call or a GC step, under the exclusive SR lock (SR.ls
+//     holds it shared, so none runs during SR.ls): the ones that change
+//     a VDI's leaf bump the epoch before they touch it (resize
+//     finishResize, snapshot/clone finishSnapshot, GC leaf-coalesce and
+//     re-parent in plugins/gc), so a crash half way leaves a stale epoch;
+//     create and destroy change the records (bumped first) and the SR
+//     root directory. Reset-on-boot is xapi-storage-script's
+//     Volume.clone + Volume.destroy; image data copies (DATA.copy,
+//     exports) go through a tapdisk;
+//   - anything while the SR was not mounted here: SR.attach bumps the
+//     epoch after the mount (mountedStoreDirs);
+//   - a person renaming or replacing image files: the root directory's
+//     stat. An image edited in place by hand is not seen until the next
+//     change; Volume.stat always stats.
+//
+// Our own writers fsync (plugins/vhd, qemu-img) and tapdisk writes with
+// O_DIRECT, so no allocation changes later by delayed allocation.
+const (
+	volsMagic = "LXVOLS1\n"
+	volsName  = 42 // "<uuid>.qcow2", the longest leaf name; NUL padded
+	volsEntry = volsName + 4 + 1 + 1
+	volsFixed = len(volsMagic) + 4 + 4 + 4 + 4 // magic, tag len, count, reply len, CRC
+)
+
+// lsEntry is one VDI of a cached reply: its leaf's name and the place of
+// its physical_utilisation digits in the reply.
+type lsEntry struct {
+	name [volsName]byte
+	off  uint32
+	n    uint8
+}
+
+func (e *lsEntry) file() []byte {
+	if i := bytes.IndexByte(e.name[:], 0); i >= 0 {
+		return e.name[:i]
+	}
+	return e.name[:]
+}
+
+// lsCache is a volumes.cache read (or one just built): its entries stay
+// in the file's encoding, sorted by name, and are decoded one at a time
+// (a call with nothing attached decodes none of them).
+type lsCache struct {
+	tag   string
+	reply []byte
+	table []byte // n entries of volsEntry bytes
+	n     int
+	unmap func()
+}
+
+// entry decodes entry i; ok=false when it is odd (then the whole cache
+// is not used).
+func (c *lsCache) entry(i int) (e lsEntry, ok bool) {
+	q := c.table[i*volsEntry : (i+1)*volsEntry]
+	copy(e.name[:], q[:volsName])
+	e.off = binary.LittleEndian.Uint32(q[volsName:])
+	e.n = q[volsName+4]
+	return e, e.n != 0 && e.n <= 20 && uint64(e.off)+uint64(e.n) <= uint64(len(c.reply)) && leafName(e.file())
+}
+
+// find returns the index of the entry of leaf file f, or -1.
+func (c *lsCache) find(f string) int {
+	if len(f) > volsName {
+		return -1
+	}
+	var key [volsName]byte
+	copy(key[:], f)
+	i := sort.Search(c.n, func(i int) bool { return bytes.Compare(c.table[i*volsEntry:i*volsEntry+volsName], key[:]) >= 0 })
+	if i == c.n || !bytes.Equal(c.table[i*volsEntry:i*volsEntry+volsName], key[:]) {
+		return -1
+	}
+	return i
+}
+
+func (c *lsCache) close() {
+	if c != nil && c.unmap != nil {
+		c.unmap()
+	}
+}
+
+// ImageClosed is the datapath's attachment.Manager.Closed: tapdisk may
+// have grown the image it served, so its SR's cached allocations are
+// invalidated before the record that made SR.ls stat it goes.
+func ImageClosed(_ context.Context, img tapdisk.Image) error {
+	return store.New(filepath.Dir(img.Path)).InvalidateAllocation()
+}
+
+func srLs(ctx context.Context, d VolumeDeps, p smapi.SRParams) (smapi.StreamResult, error) {
+	v, err := openVolumes(ctx, d, p.SR)
+	if err != nil {
+		return nil, err
+	}
+	l, err := v.shared(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// Order matters (see above): datapath records, then the tags.
+	live, allLive := v.liveImages()
+	alloc, allocOK := v.st.AllocTag()
+	recs, recsOK := v.st.ListingTag()
+	dir, err := os.Open(v.st.SR)
+	if err != nil {
+		l.Release()
+		return nil, err
+	}
+	dirfd := int(dir.Fd())
+	done := func() { dir.Close(); l.Release() }
+	want := lsTag(recs, v.st.SR)
+	c := readLsCache(v.st.VolumesCachePath())
+	if c != nil && recsOK && allocOK && !allLive && c.tag == want+alloc {
+		if hits, ok := c.statLive(dirfd, live); ok {
+			return func(w io.Writer) error {
+				defer done()
+				defer c.close()
+				return c.writeLive(w, hits)
+			}, nil
+		}
+	}
+	restoreGC := noGC()
+	var fresh *lsCache
+	if c != nil && recsOK && len(c.tag) >= len(want) && c.tag[:len(want)] == want {
+		// records unchanged, allocations not provably so: stat them all
+		fresh = c.restat(dirfd, want+alloc)
+	}
+	c.close()
+	if fresh == nil {
+		listing, err := v.st.Listing()
+		if err != nil {
+			restoreGC()
+			done()
+			return nil, err
+		}
+		fresh = v.render(dirfd, listing, lsTag(listing.Tag, v.st.SR)+alloc)
+		if listing.Tag == "" {
+			allocOK = false // read while a record changed: not worth keeping
+		}
+	}
+	if allocOK {
+		// Best effort: a cache that cannot be written is only slower.
+		_ = v.st.SaveVolumesCache(fresh.encode())
+	}
+	return func(w io.Writer) error {
+		defer restoreGC()
+		defer done()
+		_, err := w.Write(fresh.reply)
+		return err
+	}, nil
+}
+
+// lsTag is the part of a cache's tag that says which records, rendered
+// for which SR path, it holds.
+func lsTag(records, sr string) string {
+	return strconv.Itoa(len(records)) + ":" + records + strconv.Itoa(len(sr)) + ":" + sr
+}
+
+// liveImages lists the images a tapdisk may have open (they have a
+// datapath record); all: the records could not be listed, so any may.
+func (v *volumes) liveImages() (names []string, all bool) {
+	if v.d.Datapath == nil {
+		return nil, false
+	}
+	names, err := v.d.Datapath.RecordedImages()
+	if err != nil {
+		v.log.WithError(err).Warn("cannot list the datapath's records; SR.ls stats every volume")
+		return nil, true
+	}
+	return names, false
+}
+
+// noGC turns the garbage collector off until the returned function is
+// called. SR.ls runs in a process of its own that exits right after the
+// reply: collecting the O(volumes) short-lived garbage of a rebuild
+// (three cycles, ~40 ms of CPU at 10 000 volumes) buys nothing. The
+// memory limit still bounds the heap; the settings are restored
+// afterwards (tests run many calls in one process).
+func noGC() func() {
+	limit := debug.SetMemoryLimit(512 << 20)
+	percent := debug.SetGCPercent(-1)
+	return func() {
+		debug.SetGCPercent(percent)
+		debug.SetMemoryLimit(limit)
+	}
+}
+
+// lsHit is a VDI whose allocation SR.ls stat'ed now.
+type lsHit struct {
+	e    lsEntry
+	phys int64
+}
+
+// statLive stats the leaves in live that c lists (the others are exact:
+// see above); ok=false when c is odd.
+func (c *lsCache) statLive(dirfd int, live []string) (hits []lsHit, ok bool) {
+	var st unix.Stat_t
+	name := make([]byte, 0, volsName+1)
+	for _, f := range live {
+		i := c.find(f)
+		if i < 0 {
+			continue // another SR's image, or not a VDI's leaf
+		}
+		e, ok := c.entry(i)
+		if !ok {
+			return nil, false
+		}
+		var phys int64
+		if fstatat(dirfd, append(append(name[:0], f...), 0), &st) == nil {
+			phys = st.Blocks * 512
+		}
+		hits = append(hits, lsHit{e, phys})
+	}
+	return hits, true
+}
+
+// writeLive writes the cached reply with the allocations of hits.
+func (c *lsCache) writeLive(w io.Writer, hits []lsHit) error {
+	if len(hits) == 0 {
+		_, err := w.Write(c.reply)
+		return err
+	}
+	sort.Slice(hits, func(i, j int) bool { return hits[i].e.off < hits[j].e.off })
+	bw := bufio.NewWriterSize(w, 64<<10)
+	pos := 0
+	var num []byte
+	for _, h := range hits {
+		bw.Write(c.reply[pos:h.e.off])
+		num = strconv.AppendInt(num[:0], h.phys, 10)
+		bw.Write(num)
+		pos = int(h.e.off) + int(h.e.n)
+	}
+	bw.Write(c.reply[pos:])
+	return bw.Flush()
+}
+
+// statAll returns the allocated bytes of each named file in dirfd (0 when
+// it cannot be stat'ed, as Volume.stat says), in parallel on more workers
+// than CPUs so that a stat waiting for an inode block to be read (cold
+// cache after attach) does not idle a CPU.
+func statAll(dirfd int, n int, name func(i int) []byte) []int64 {
+	phys := make([]int64, n)
+	const chunk = 256
+	nchunks := (n + chunk - 1) / chunk
+	workers := min(max(runtime.GOMAXPROCS(0), 4), nchunks)
+	var next atomic.Int64
+	done := make(chan struct{})
+	for range workers {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			var st unix.Stat_t
+			buf := make([]byte, 0, 64)
+			for {
+				c := int(next.Add(1) - 1)
+				if c >= nchunks {
+					return
+				}
+				for i := c * chunk; i < min((c+1)*chunk, n); i++ {
+					if fstatat(dirfd, append(append(buf[:0], name(i)...), 0), &st) == nil {
+						phys[i] = st.Blocks * 512
+					}
+				}
+			}
+		}()
+	}
+	for range workers {
+		<-done
+	}
+	return phys
+}
+
+// restat is c with every allocation stat'ed now, tagged tag; nil when
+// c is odd.
+func (c *lsCache) restat(dirfd int, tag string) *lsCache {
+	ents := make([]lsEntry, c.n)
+	for i := range ents {
+		var ok bool
+		if ents[i], ok = c.entry(i); !ok || (i > 0 && bytes.Compare(ents[i-1].name[:], ents[i].name[:]) >= 0) {
+			return nil
+		}
+	}
+	order := make([]int, len(ents))
+	for i := range order {
+		order[i] = i
+	}
+	sort.Slice(order, func(a, b int) bool { return ents[order[a]].off < ents[order[b]].off })
+	for k := 1; k < len(order); k++ {
+		if ents[order[k]].off < ents[order[k-1]].off+uint32(ents[order[k-1]].n) {
+			return nil // overlapping digits
+		}
+	}
+	phys := statAll(dirfd, len(ents), func(i int) []byte { return ents[i].file() })
+	reply := make([]byte, 0, len(c.reply)+len(ents)*4)
+	pos := 0
+	for _, i := range order {
+		e := &ents[i]
+		reply = append(reply, c.reply[pos:e.off]...)
+		pos = int(e.off) + int(e.n)
+		e.off = uint32(len(reply))
+		reply = strconv.AppendInt(reply, phys[i], 10)
+		e.n = uint8(len(reply) - int(e.off))
+	}
+	reply = append(reply, c.reply[pos:]...)
+	return newLsCache(tag, reply, ents)
+}
+
+// newLsCache is the cache of reply, whose entries ents are sorted by name.
+func newLsCache(tag string, reply []byte, ents []lsEntry) *lsCache {
+	c := &lsCache{tag: tag, reply: reply, n: len(ents), table: make([]byte, 0, len(ents)*volsEntry)}
+	for i := range ents {
+		e := &ents[i]
+		c.table = append(c.table, e.name[:]...)
+		c.table = binary.LittleEndian.AppendUint32(c.table, e.off)
+		c.table = append(c.table, e.n, 0)
+	}
+	return c
+}
+
+// render builds the reply of listing's VDIs with a stat of every leaf.
+func (v *volumes) render(dirfd int, listing store.Listing, tag string) *lsCache {
+	var vdis []int
+	for i := range listing.Nodes {
+		if listing.Nodes[i].VDI != nil {
+			vdis = append(vdis, i)
+		}
+	}
+	files := make([][]byte, len(vdis))
+	for k, i := range vdis {
+		n := &listing.Nodes[i]
+		files[k] = append(append(append(make([]byte, 0, len(n.ID)+1+len(n.Format)), n.ID...), '.'), n.Format...)
+	}
+	phys := statAll(dirfd, len(vdis), func(k int) []byte { return files[k] })
+	ents := make([]lsEntry, len(vdis))
+	reply := make([]byte, 0, 64+len(vdis)*400)
+	reply = append(reply, '[')
+	uri := make([]byte, 0, 256)
+	for k, i := range vdis {
+		n := &listing.Nodes[i]
+		if k > 0 {
+			reply = append(reply, ',')
+		}
+		uri = append(append(append(append(uri[:0], URIScheme+"://"...), v.st.SR...), '/'), files[k]...)
+		id := n.ID
+		vol := smapi.Volume{
+			Key: n.ID, UUID: &id, Name: n.VDI.Name, Description: n.VDI.Description,
+			ReadWrite: n.VDI.ReadWrite, Sharable: n.VDI.Sharable, VirtualSize: n.VirtualSize,
+			PhysicalUtilisation: phys[k], URI: []string{unsafe.String(&uri[0], len(uri))},
+		}
+		var off int
+		reply, off = smapi.AppendVolumeKeysJSONAt(reply, &vol, listing.KeysJSON(i))
+		e := &ents[k]
+		copy(e.name[:], files[k])
+		e.off = uint32(off)
+		e.n = uint8(len(strconv.AppendInt(nil, phys[k], 10)))
+	}
+	reply = append(reply, ']')
+	sort.Slice(ents, func(a, b int) bool { return bytes.Compare(ents[a].name[:], ents[b].name[:]) < 0 })
+	return newLsCache(tag, reply, ents)
+}
+
+var crc32c = crc32.MakeTable(crc32.Castagnoli)
+
+// encode is the volumes.cache file of c: magic, tag, VDI count, reply,
+// the entries (name, digits offset and length), CRC-32C of all before.
+func (c *lsCache) encode() []byte {
+	b := make([]byte, 0, volsFixed+len(c.tag)+len(c.reply)+len(c.table))
+	b = append(b, volsMagic...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(c.tag)))
+	b = append(b, c.tag...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(c.n))
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(c.reply)))
+	b = append(b, c.reply...)
+	b = append(b, c.table...)
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, crc32c))
+}
+
+// readLsCache maps and checks the cache file; nil when it is missing or
+// damaged (the caller then rebuilds it). The checksum covers the whole
+// file (a torn write after a power cut, a damaged block); each entry is
+// checked besides when it is used (lsCache.entry), so that none can point
+// outside the reply nor name anything but a leaf in the SR directory: an
+// odd one makes the call rebuild the cache.
+func readLsCache(path string) (c *lsCache) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var st unix.Stat_t
+	if unix.Fstat(int(f.Fd()), &st) != nil || st.Size < int64(volsFixed) || st.Size > 1<<30 {
+		return nil
+	}
+	b, err := unix.Mmap(int(f.Fd()), 0, int(st.Size), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
+	if err != nil {
+		return nil
+	}
+	unmap := func() { _ = unix.Munmap(b) }
+	// The file is replaced by rename, never changed in place; should a
+	// person truncate it under us, the fault is a failed check.
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if recover() != nil || c == nil {
+			unmap()
+			c = nil
+		}
+	}()
+	c = decodeLsCache(b)
+	if c != nil {
+		c.unmap = unmap
+	}
+	return c
+}
+
+func decodeLsCache(b []byte) *lsCache {
+	if len(b) < volsFixed || string(b[:len(volsMagic)]) != volsMagic {
+		return nil
+	}
+	body := b[:len(b)-4]
+	if crc32.Checksum(body, crc32c) != binary.LittleEndian.Uint32(b[len(b)-4:]) {
+		return nil
+	}
+	p := body[len(volsMagic):]
+	tagLen := uint64(binary.LittleEndian.Uint32(p))
+	if tagLen > uint64(len(p))-12 {
+		return nil
+	}
+	c := &lsCache{tag: string(p[4 : 4+tagLen])}
+	p = p[4+tagLen:]
+	n := uint64(binary.LittleEndian.Uint32(p))
+	replyLen := uint64(binary.LittleEndian.Uint32(p[4:]))
+	p = p[8:]
+	if replyLen < 2 || replyLen > uint64(len(p)) || uint64(len(p))-replyLen != n*volsEntry {
+		return nil
+	}
+	c.reply = p[:replyLen:replyLen]
+	c.table = p[replyLen:]
+	c.n = int(n)
+	return c
+}
+
+// leafName: "<uuid>.vhd" or "<uuid>.qcow2", nothing else (the entries'
+// names are stat'ed relative to the SR directory).
+func leafName(f []byte) bool {
+	if len(f) < 37 || f[36] != '.' || !store.ValidID(string(f[:36])) {
+		return false
+	}
+	return store.ValidFormat(string(f[37:]))
+}
