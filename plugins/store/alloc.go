@@ -101,6 +101,12 @@ func (s Store) AllocTag() (tag string, ok bool) {
 	if unix.Stat(s.SR, &st) != nil {
 		return "", false
 	}
+	// A file system remounted read-only (after an error) takes no epoch
+	// bump: nothing may be served from a cache then.
+	var fs unix.Statfs_t
+	if unix.Statfs(s.SR, &fs) != nil || fs.Flags&unix.ST_RDONLY != 0 {
+		return "", false
+	}
 	binary.LittleEndian.PutUint64(b[32:], st.Ino)
 	binary.LittleEndian.PutUint64(b[40:], uint64(st.Mtim.Nano()))
 	binary.LittleEndian.PutUint64(b[48:], uint64(st.Ctim.Nano()))

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"hash/crc32"
 	"io"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"sort"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -72,8 +74,13 @@ import (
 //     stat. An image edited in place by hand is not seen until the next
 //     change; Volume.stat always stats.
 //
-// Our own writers fsync (plugins/vhd, qemu-img) and tapdisk writes with
-// O_DIRECT, so no allocation changes later by delayed allocation.
+// A stat must also be final when it is made: ext4 allocates delayed
+// writes (and the extent blocks they need) at writeback. Our own writes
+// that allocate are fsynced before the call returns (plugins/vhd syncs
+// every block allocation and new image; qemu-img flushes on close), and
+// tapdisk writes with O_DIRECT, allocated at completion. A read-only SR
+// (remounted after an error) takes no epoch bump: store.AllocTag
+// refuses every cache there.
 const (
 	volsMagic = "LXVOLS1\n"
 	volsName  = 42 // "<uuid>.qcow2", the longest leaf name; NUL padded
@@ -141,8 +148,17 @@ func (c *lsCache) close() {
 // ImageClosed is the datapath's attachment.Manager.Closed: tapdisk may
 // have grown the image it served, so its SR's cached allocations are
 // invalidated before the record that made SR.ls stat it goes.
-func ImageClosed(_ context.Context, img tapdisk.Image) error {
-	return store.New(filepath.Dir(img.Path)).InvalidateAllocation()
+//
+// An SR whose file system went read-only (ext4 errors=remount-ro) takes
+// no bump, and its VMs must still shut down: the detach goes on, since
+// store.AllocTag serves nothing from a cache on a read-only SR.
+func ImageClosed(ctx context.Context, img tapdisk.Image) error {
+	err := store.New(filepath.Dir(img.Path)).InvalidateAllocation()
+	if errors.Is(err, syscall.EROFS) {
+		smapi.Logger(ctx).WithError(err).Warn("the SR is read-only; its cached allocations are not used while it is")
+		return nil
+	}
+	return err
 }
 
 func srLs(ctx context.Context, d VolumeDeps, p smapi.SRParams) (smapi.StreamResult, error) {
