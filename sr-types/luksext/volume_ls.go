@@ -197,6 +197,9 @@ func srLs(ctx context.Context, d VolumeDeps, p smapi.SRParams) (smapi.StreamResu
 	if c != nil && recsOK && len(c.tag) >= len(want) && c.tag[:len(want)] == want {
 		// records unchanged, allocations not provably so: stat them all
 		fresh = c.restat(dirfd, want+alloc)
+		if allLive {
+			allocOK = false // the next call stats them all anyway: no 4 MB write per call
+		}
 	}
 	c.close()
 	if fresh == nil {
