@@ -65,14 +65,19 @@ import (
 //     finishResize, snapshot/clone finishSnapshot, GC leaf-coalesce and
 //     re-parent in plugins/gc), so a crash half way leaves a stale epoch;
 //     create and destroy change the records (bumped first) and the SR
-//     root directory. Reset-on-boot is xapi-storage-script's
-//     Volume.clone + Volume.destroy; image data copies (DATA.copy,
-//     exports) go through a tapdisk;
+//     root directory. The calls under the shared lock (Volume.set and
+//     the like) change records only; the GC's one step without the lock
+//     (copying a hidden node into its parent) writes hidden bases only,
+//     which SR.ls does not list; luksext adopt writes records only.
+//     Reset-on-boot is xapi-storage-script's Volume.clone +
+//     Volume.destroy; image data copies (DATA.copy, exports, imports) go
+//     through a tapdisk;
 //   - anything while the SR was not mounted here: SR.attach bumps the
 //     epoch after the mount (mountedStoreDirs);
 //   - a person renaming or replacing image files: the root directory's
-//     stat. An image edited in place by hand is not seen until the next
-//     change; Volume.stat always stats.
+//     stat, as far as its timestamps can tell (a change within the clock
+//     tick of the cache's stats is not seen). An image edited in place by
+//     hand is not seen until the next change; Volume.stat always stats.
 //
 // A stat must also be final when it is made: ext4 allocates delayed
 // writes (and the extent blocks they need) at writeback. Our own writes
