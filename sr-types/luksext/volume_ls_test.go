@@ -11,6 +11,7 @@ import (
 	"github.com/sirupsen/logrus"
 	"github.com/stretchr/testify/require"
 
+	"github.com/luksext/luksext/plugins/gc"
 	"github.com/luksext/luksext/plugins/image"
 	"github.com/luksext/luksext/plugins/run"
 	"github.com/luksext/luksext/plugins/run/runfake"
@@ -171,4 +172,25 @@ func TestLeafChangesInvalidateBeforeTheyHappen(t *testing.T) {
 	f.ctx.MustSucceed("Volume.resize", map[string]any{"dbg": "t", "sr": f.sr, "key": a, "new_size": 16 << 20}, nil)
 	now, _ := st.AllocTag()
 	require.NotEqual(t, tag, now, "resize")
+
+	// The GC re-parents VDI leaves in place: A and S2 sit on base2, the
+	// only child of base1 once S1 is gone; base2 is coalesced into base1,
+	// then A and S2 are re-parented onto base1.
+	var s1, s2 smapi.Volume
+	f.ctx.MustSucceed("Volume.snapshot", map[string]any{"dbg": "t", "sr": f.sr, "key": a}, &s1)
+	f.ctx.MustSucceed("Volume.snapshot", map[string]any{"dbg": "t", "sr": f.sr, "key": a}, &s2)
+	f.ctx.MustSucceed("Volume.destroy", map[string]any{"dbg": "t", "sr": f.sr, "key": s1.Key}, nil)
+	var copied, reparented string
+	fault := func(step string) {
+		switch step {
+		case gc.StepCopied:
+			copied, _ = st.AllocTag()
+		case gc.StepReparented:
+			reparented, _ = st.AllocTag()
+		}
+	}
+	require.NoError(t, luksext.CollectOnce(context.Background(), f.sr, luksext.VolumeDeps{Datapath: f.dp}, fault, logrus.New()))
+	require.NotEmpty(t, copied, "the GC coalesced a hidden node")
+	require.NotEqual(t, copied, reparented, "re-parenting the leaves")
+	f.exact("after the GC")
 }
