@@ -198,10 +198,11 @@ func srLs(ctx context.Context, d VolumeDeps, p smapi.SRParams) (smapi.StreamResu
 			}, nil
 		}
 	}
-	restoreGC := noGC()
+	restoreGC := func() {}
 	var fresh *lsCache
 	if c != nil && recsOK && len(c.tag) >= len(want) && c.tag[:len(want)] == want {
 		// records unchanged, allocations not provably so: stat them all
+		restoreGC = noGC()
 		fresh = c.restat(dirfd, want+alloc)
 		if allLive {
 			allocOK = false // the next call stats them all anyway: no 4 MB write per call
@@ -215,6 +216,10 @@ func srLs(ctx context.Context, d VolumeDeps, p smapi.SRParams) (smapi.StreamResu
 			done()
 			return nil, err
 		}
+		// (after the listing: rebuilding it from the records makes
+		// garbage that is worth collecting)
+		restoreGC()
+		restoreGC = noGC()
 		fresh = v.render(dirfd, listing, lsTag(listing.Tag, v.st.SR)+alloc)
 		if listing.Tag == "" {
 			allocOK = false // read while a record changed: not worth keeping
