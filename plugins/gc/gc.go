@@ -318,6 +318,11 @@ func (c *Collector) leafCoalesce(ctx context.Context, j journal, resume func(con
 	}
 	leaf := c.Store.ImagePath(n)
 	parent := c.Store.ImagePath(store.Node{ID: j.Parent, Format: n.Format})
+	// The leaf's file is replaced (and its flag rewritten) below, before
+	// its record changes: SR.ls must not serve the old one's allocation.
+	if err := c.Store.InvalidateAllocation(); err != nil {
+		return err
+	}
 	if j.Step == StepJournalled || j.Step == "" {
 		start := time.Now()
 		if err := c.Images.Coalesce(ctx, leaf, parent); err != nil {
@@ -426,7 +431,12 @@ func (c *Collector) runCoalesce(ctx context.Context, j journal) error {
 				l.Release()
 				return fmt.Errorf("re-parenting %s onto %s postponed, a VM using it could not be paused: %w", ch.ID, p.ID, err)
 			}
-			err = c.Images.Reparent(ctx, c.Store.ImagePath(ch), c.Store.ImagePath(p))
+			// ch may be a VDI's leaf, whose header is rewritten before
+			// its record: no cached allocation of it may be served after
+			err = c.Store.InvalidateAllocation()
+			if err == nil {
+				err = c.Images.Reparent(ctx, c.Store.ImagePath(ch), c.Store.ImagePath(p))
+			}
 			if err == nil {
 				ch.Parent = j.Parent
 				err = c.Store.Put(ch)

@@ -27,6 +27,13 @@ func AppendVolume(b []byte, v *Volume) []byte { return appendVolume(b, v, "") }
 // store keeps the keys of every volume so for SR.ls).
 func AppendVolumeKeysJSON(b []byte, v *Volume, keys string) []byte { return appendVolume(b, v, keys) }
 
+// AppendVolumeKeysJSONAt is AppendVolumeKeysJSON that also returns the
+// offset in the result of the digits of physical_utilisation, which SR.ls
+// replaces in a cached reply.
+func AppendVolumeKeysJSONAt(b []byte, v *Volume, keys string) ([]byte, int) {
+	return appendVolumeAt(b, v, keys)
+}
+
 // appendVolumes appends the JSON array of vs.
 func appendVolumes(b []byte, vs []Volume) []byte {
 	if vs == nil {
@@ -43,6 +50,11 @@ func appendVolumes(b []byte, vs []Volume) []byte {
 }
 
 func appendVolume(b []byte, v *Volume, rawKeys string) []byte {
+	b, _ = appendVolumeAt(b, v, rawKeys)
+	return b
+}
+
+func appendVolumeAt(b []byte, v *Volume, rawKeys string) ([]byte, int) {
 	b = append(b, `{"key":`...)
 	b = appendString(b, v.Key)
 	if v.UUID != nil {
@@ -60,6 +72,7 @@ func appendVolume(b []byte, v *Volume, rawKeys string) []byte {
 	b = append(b, `,"virtual_size":`...)
 	b = strconv.AppendInt(b, v.VirtualSize, 10)
 	b = append(b, `,"physical_utilisation":`...)
+	phys := len(b)
 	b = strconv.AppendInt(b, v.PhysicalUtilisation, 10)
 	b = append(b, `,"uri":`...)
 	if v.URI == nil {
@@ -88,7 +101,7 @@ func appendVolume(b []byte, v *Volume, rawKeys string) []byte {
 		b = append(b, `,"cbt_enabled":`...)
 		b = strconv.AppendBool(b, *v.CBTEnabled)
 	}
-	return append(b, '}')
+	return append(b, '}'), phys
 }
 
 func appendStringMap(b []byte, m map[string]string) []byte {

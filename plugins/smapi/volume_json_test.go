@@ -3,6 +3,7 @@ package smapi
 import (
 	"encoding/json"
 	"math/rand"
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -60,6 +61,10 @@ func TestVolumeEncodingIsEncodingJSON(t *testing.T) {
 				ReadWrite: v.ReadWrite, Sharable: v.Sharable, VirtualSize: v.VirtualSize, PhysicalUtilisation: v.PhysicalUtilisation,
 				URI: v.URI, VolumeType: v.VolumeType, CBTEnabled: v.CBTEnabled}, string(keys))
 			require.Equal(t, string(want), string(got), "keys given as JSON")
+			at, off := AppendVolumeKeysJSONAt([]byte("x"), &v, string(keys))
+			require.Equal(t, "x"+string(want), string(at))
+			digits := strconv.FormatInt(v.PhysicalUtilisation, 10)
+			require.Equal(t, `,"physical_utilisation":`+digits, string(at[off-len(`,"physical_utilisation":`):off+len(digits)]), "the offset of the digits")
 		}
 		list := []Volume{v, v}
 		want, _ = json.Marshal(list)

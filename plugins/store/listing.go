@@ -66,7 +66,12 @@ var crc32c = crc32.MakeTable(crc32.Castagnoli)
 // Derived reports whether path (relative to the SR root) is one of the
 // listing cache's files: derived data, not part of the SR's state.
 func Derived(rel string) bool {
-	return rel == filepath.Join(MetaDir, genFile) || rel == filepath.Join(MetaDir, listingFile)
+	switch rel {
+	case filepath.Join(MetaDir, genFile), filepath.Join(MetaDir, listingFile),
+		filepath.Join(MetaDir, allocFile), filepath.Join(MetaDir, volumesFile):
+		return true
+	}
+	return false
 }
 
 // listingTag says which state of the records a listing describes.
@@ -169,6 +174,10 @@ func (s Store) ListingCurrent() bool {
 type Listing struct {
 	Nodes []Node
 	keys  []string // of Nodes[i]; nilKeysJSON for no keys object at all
+	// Tag names the state of the records the listing is provably of
+	// (ListingTag equals it while they are unchanged); "" when it was read
+	// while a change was in progress.
+	Tag string
 }
 
 // KeysJSON is the keys object of Nodes[i], a VDI.
@@ -185,6 +194,7 @@ func (l Listing) KeysJSON(i int) string {
 func (s Store) Listing() (Listing, error) {
 	if t, ok := s.currentTag(false); ok {
 		if l, err := s.readListing(t); err == nil {
+			l.Tag = t.String()
 			return l, nil
 		}
 	}
@@ -203,6 +213,7 @@ func (s Store) Listing() (Listing, error) {
 	if after, ok := s.currentTag(true); ok && after == before {
 		// Best effort: a cache that cannot be written is only slower.
 		_ = s.saveListing(b)
+		l.Tag = before.String()
 	}
 	return l, nil
 }
@@ -417,30 +428,34 @@ func decodeListing(b []byte) (Listing, error) {
 
 // saveListing writes the cache through a temporary file and a rename, so
 // a reader sees the old cache or the new one. No fsync: see above.
-func (s Store) saveListing(b []byte) error {
-	tmp := filepath.Join(s.Dir(), "."+listingFile+".tmp"+strconv.Itoa(os.Getpid()))
+func (s Store) saveListing(b []byte) error { return s.saveDerived(listingFile, b) }
+
+// saveDerived writes a derived file (the listing or volumes cache) of
+// the store's directory through a temporary file and a rename.
+func (s Store) saveDerived(name string, b []byte) error {
+	tmp := filepath.Join(s.Dir(), "."+name+".tmp"+strconv.Itoa(os.Getpid()))
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		os.Remove(tmp)
 		return err
 	}
-	if err := os.Rename(tmp, s.listingPath()); err != nil {
+	if err := os.Rename(tmp, filepath.Join(s.Dir(), name)); err != nil {
 		os.Remove(tmp)
 		return err
 	}
-	s.removeStaleListingTemps()
+	s.removeStaleListingTemps(name)
 	return nil
 }
 
 // removeStaleListingTemps removes the temporary files of builders killed
 // before their rename (older than a minute: a live builder renames its
 // own within milliseconds).
-func (s Store) removeStaleListingTemps() {
+func (s Store) removeStaleListingTemps(name string) {
 	entries, err := os.ReadDir(s.Dir())
 	if err != nil {
 		return
 	}
 	for _, e := range entries {
-		if !strings.HasPrefix(e.Name(), "."+listingFile+".tmp") {
+		if !strings.HasPrefix(e.Name(), "."+name+".tmp") {
 			continue
 		}
 		if info, err := e.Info(); err == nil && time.Since(info.ModTime()) > time.Minute {

@@ -75,6 +75,10 @@ func (dp datapath) manager(ctx context.Context) *attachment.Manager {
 	vd := dp.volumes
 	vd.Datapath = m
 	m.Recover = recoverForDatapath(vd)
+	// tapdisk may have grown the image: SR.ls's cached allocations of
+	// its SR are stale once the record that made SR.ls stat it is gone
+	// (volume_ls.go).
+	m.Closed = ImageClosed
 	return m
 }
 

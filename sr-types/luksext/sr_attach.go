@@ -101,7 +101,7 @@ func (s *srService) attach(ctx context.Context, p smapi.SRAttachParams) (string,
 		err = smapi.Errorf(smapi.KindNeedsAttention, "the SR record of %s says layout %q but its disk's luksext metadata says %q", srUUID, meta.Layout, layout)
 	}
 	if err == nil {
-		err = ensureStoreDirs(mnt) // the GC's lock directories (plugins/lock creates none)
+		err = mountedStoreDirs(mnt) // the GC's lock directories (plugins/lock creates none); cached allocations invalidated
 	}
 	if err != nil {
 		if uerr := s.FS.Unmount(context.WithoutCancel(ctx), mnt); uerr != nil {

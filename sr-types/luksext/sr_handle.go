@@ -207,6 +207,18 @@ func ensureStoreDirs(mnt string) error {
 	return nil
 }
 
+// mountedStoreDirs is ensureStoreDirs for SR.attach right after its
+// mount. The images may have been written while the SR was not mounted
+// here (by hand, or by a tapdisk that died and whose record a detach
+// never tore down): SR.ls's cached allocations are invalidated, and its
+// first call stats every leaf again (volume_ls.go).
+func mountedStoreDirs(mnt string) error {
+	if err := ensureStoreDirs(mnt); err != nil {
+		return err
+	}
+	return store.New(mnt).InvalidateAllocation()
+}
+
 // acquireSRLock takes <stateDir>/<uuid>.lock in mode, waiting at most
 // timeout (and the call's deadline).
 func acquireSRLock(ctx context.Context, stateDir, srUUID string, mode lock.Mode, timeout time.Duration) (*lock.Lock, error) {

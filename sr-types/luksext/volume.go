@@ -4,13 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"maps"
 	"os"
 	"path/filepath"
-	"runtime"
-	"runtime/debug"
-	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -230,141 +226,6 @@ func volumeMethods(d Deps) []smapi.Method {
 			return volumeSnapshot(ctx, vd, p, true)
 		}),
 	}
-}
-
-func srLs(ctx context.Context, d VolumeDeps, p smapi.SRParams) (smapi.StreamResult, error) {
-	v, err := openVolumes(ctx, d, p.SR)
-	if err != nil {
-		return nil, err
-	}
-	l, err := v.shared(ctx)
-	if err != nil {
-		return nil, err
-	}
-	// The records come from the store's listing cache (one file read,
-	// proven current by the store) when it is valid, else from the
-	// records themselves.
-	listing, err := v.st.Listing()
-	if err != nil {
-		l.Release()
-		return nil, err
-	}
-	// (after the listing: rebuilding it from the records makes garbage
-	// that is worth collecting)
-	restoreGC := noGC()
-	vdis := make([]int, 0, len(listing.Nodes))
-	for i, n := range listing.Nodes {
-		if n.VDI != nil {
-			vdis = append(vdis, i)
-		}
-	}
-	dir, err := os.Open(v.st.SR)
-	if err != nil {
-		l.Release()
-		restoreGC()
-		return nil, err
-	}
-	// Nothing below can fail but the write: the reply is streamed, and the
-	// SR lock (the SR stays attached) is held until it is written.
-	return func(w io.Writer) error {
-		defer restoreGC()
-		defer l.Release()
-		defer dir.Close()
-		return v.writeVolumes(w, int(dir.Fd()), listing, vdis)
-	}, nil
-}
-
-// noGC turns the garbage collector off until the returned function is
-// called. SR.ls runs in a process of its own that exits right after the
-// reply: collecting the O(volumes) short-lived garbage of the call (three
-// cycles, ~40 ms of CPU at 10 000 volumes) buys nothing. The memory limit
-// still bounds the heap; the settings are restored afterwards (tests run
-// many calls in one process).
-func noGC() func() {
-	limit := debug.SetMemoryLimit(512 << 20)
-	percent := debug.SetGCPercent(-1)
-	return func() {
-		debug.SetGCPercent(percent)
-		debug.SetMemoryLimit(limit)
-	}
-}
-
-// writeVolumes writes the JSON list of the VDIs, whose leaf images are
-// in the directory dirfd.
-//
-// physical_utilisation is a stat of each leaf at the time of the call
-// (tapdisk grows images without telling us, so no cache can be exact).
-// At thousands of volumes the stats are most of SR.ls: they are made
-// relative to the open SR directory (no walk of /var/run ->
-// /run/sr-mount/<uuid> per file) and run in parallel with the encoding,
-// by chunks, on more workers than CPUs so that a stat waiting for an
-// inode block to be read (cold cache after attach) does not idle a CPU.
-// The chunks are written in order as they are ready and their buffers
-// reused: the process never holds the whole reply (3.5 MB at 10 000
-// volumes), whose fresh pages cost more than the encoding.
-func (v *volumes) writeVolumes(w io.Writer, dirfd int, listing store.Listing, vdis []int) error {
-	const chunk = 256
-	nchunks := (len(vdis) + chunk - 1) / chunk
-	workers := min(max(runtime.GOMAXPROCS(0), 4), nchunks)
-	ready := make([]chan []byte, nchunks)
-	for i := range ready {
-		ready[i] = make(chan []byte, 1)
-	}
-	tokens := make(chan []byte, 2*workers) // bounds the chunks in flight
-	for i := 0; i < cap(tokens); i++ {
-		tokens <- make([]byte, 0, chunk*400)
-	}
-	var next atomic.Int64
-	for range workers {
-		go func() {
-			var st unix.Stat_t
-			// Per-worker scratch: the leaf's NUL-terminated name for the
-			// stat and its URI, which AppendVolume copies and does not
-			// keep (no two allocations per volume).
-			name := make([]byte, 0, 64)
-			uri := make([]byte, 0, 256)
-			for {
-				b := <-tokens
-				c := int(next.Add(1) - 1)
-				if c >= nchunks {
-					return
-				}
-				b = b[:0]
-				for i := c * chunk; i < min((c+1)*chunk, len(vdis)); i++ {
-					n := &listing.Nodes[vdis[i]]
-					name = append(append(append(name[:0], n.ID...), '.'), n.Format...)
-					var phys int64
-					if fstatat(dirfd, append(name, 0), &st) == nil {
-						phys = st.Blocks * 512
-					}
-					if i > 0 {
-						b = append(b, ',')
-					}
-					uri = append(append(append(append(uri[:0], URIScheme+"://"...), v.st.SR...), '/'), name...)
-					id := n.ID
-					vol := smapi.Volume{
-						Key: n.ID, UUID: &id, Name: n.VDI.Name, Description: n.VDI.Description,
-						ReadWrite: n.VDI.ReadWrite, Sharable: n.VDI.Sharable, VirtualSize: n.VirtualSize,
-						PhysicalUtilisation: phys, URI: []string{unsafe.String(&uri[0], len(uri))},
-					}
-					b = smapi.AppendVolumeKeysJSON(b, &vol, listing.KeysJSON(vdis[i]))
-				}
-				ready[c] <- b
-			}
-		}()
-	}
-	_, err := io.WriteString(w, "[")
-	for c := range ready {
-		b := <-ready[c]
-		if err == nil {
-			_, err = w.Write(b)
-		}
-		tokens <- b
-	}
-	if err == nil {
-		_, err = io.WriteString(w, "]")
-	}
-	return err
 }
 
 // fstatat is unix.Fstatat for a NUL-terminated name (no C-string copy).

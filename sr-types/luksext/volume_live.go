@@ -90,7 +90,11 @@ func (v *volumes) finishResize(ctx context.Context, j resizeJournal) error {
 	if err != nil {
 		return err
 	}
-	err = v.d.Images.Resize(ctx, v.st.ImagePath(n), j.Size)
+	// before the leaf changes: SR.ls serves no allocation cached earlier
+	err = v.st.InvalidateAllocation()
+	if err == nil {
+		err = v.d.Images.Resize(ctx, v.st.ImagePath(n), j.Size)
+	}
 	if err == nil && n.VirtualSize != j.Size {
 		n.VirtualSize = j.Size
 		err = v.st.Put(n)

@@ -129,6 +129,12 @@ func (v *volumes) finishSnapshot(ctx context.Context, j snapshotJournal) error {
 	basePath := v.st.ImagePath(base)
 	newNode := store.Node{ID: j.New, Format: a.Format, Parent: j.Base, VirtualSize: a.VirtualSize, VDI: snapshotVDI(a.VDI, j.Clone)}
 	newPath := v.st.ImagePath(newNode)
+	// The VDI's leaf is renamed away and made anew below: SR.ls must not
+	// serve its allocation from before (a crash half way leaves the
+	// records as they were, until the next exclusive call finishes).
+	if err := v.st.InvalidateAllocation(); err != nil {
+		return err
+	}
 
 	// 1. the leaf becomes the base (the base name is fresh, so its existence
 	//    proves the rename happened)

@@ -119,6 +119,18 @@ func (m *vm) write(round int) {
 	}
 }
 
+// stop shuts the VM down: tapdisk closes the leaf, the datapath tears
+// it down.
+func (m *vm) stop() {
+	m.t.Helper()
+	if m.img != nil {
+		require.NoError(m.t, m.img.Close())
+		m.img = nil
+	}
+	require.NoError(m.t, m.s.dp.Detach(context.Background(), tapdisk.Image{Type: "vhd", Path: m.path}, "5"))
+	m.s.model[m.key] = m.shadow
+}
+
 func (m *vm) requirePaused(paused bool) {
 	m.t.Helper()
 	require.Equal(m.t, paused, m.s.blktap.Minors()[m.minor].Paused)

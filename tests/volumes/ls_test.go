@@ -74,8 +74,18 @@ func TestSRLsFollowsEveryChange(t *testing.T) {
 	s.lsAgrees("after unset")
 	s.call("Volume.resize", nil, "key", c1, "new_size", 2*volSize)
 	s.lsAgrees("after resize")
-	s.write(c1, volSize, 3*mib) // a guest grows the leaf: physical_utilisation follows
+	// A guest grows the leaf through tapdisk: physical_utilisation
+	// follows while the VM runs (the leaf has a datapath record: stat'ed
+	// at every call) and after it stopped (its teardown invalidated the
+	// cached allocations).
+	m := s.start(c1)
+	s.lsAgrees("after the VM started")
+	m.write(1)
 	s.lsAgrees("after a guest write")
+	m.write(2)
+	s.lsAgrees("after another guest write")
+	m.stop()
+	s.lsAgrees("after the VM stopped")
 
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), crashAt+"="+s.dir+"|reparented")

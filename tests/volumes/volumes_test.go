@@ -127,10 +127,16 @@ type sr struct {
 
 func newSR(t *testing.T) *sr {
 	fake := luksexttest.NewSR(t) // an SR directory listed as mounted from its mapping
-	s := &sr{t: t, dir: fake.Path, handles: fake.Check(), model: map[string][]byte{}}
+	return newSRAt(t, fake.Path, fake.Check())
+}
+
+// newSRAt is newSR on the SR mounted at dir, whose handles handles checks.
+func newSRAt(t *testing.T, dir string, handles luksext.SRCheck) *sr {
+	s := &sr{t: t, dir: dir, handles: handles, model: map[string][]byte{}}
 	s.tapctl = runfake.New()
 	s.blktap = tapdiskfake.New(s.tapctl)
-	s.dp = &attachment.Manager{Ctl: tapdisk.Ctl{Runner: s.tapctl}, Dir: filepath.Join(t.TempDir(), "datapath"), Log: quietLog()}
+	s.dp = &attachment.Manager{Ctl: tapdisk.Ctl{Runner: s.tapctl}, Dir: filepath.Join(t.TempDir(), "datapath"), Log: quietLog(),
+		Closed: luksext.ImageClosed} // as the datapath plugin's
 	table := luksext.VolumeTable(luksext.Deps{Paths: run.DefaultPaths, Volumes: s.deps()})
 	inv := smapitest.InProcess{Plugin: smapi.Plugin{Kind: "volume", Table: table, Classify: luksext.Classify, Log: quietLog()}}
 	s.ctx = &smapitest.Ctx{T: t, Cfg: smapitest.Config{Invoker: inv, Table: table}}

@@ -98,6 +98,13 @@ type Manager struct {
 	// tapdisk of the image at path and died before unpausing it (the
 	// volume layer's journals). Called without any datapath lock held.
 	Recover func(ctx context.Context, path string) error
+	// Closed, when set, runs after the last user's teardown closed the
+	// image for good and before its record is removed (the volume layer
+	// invalidates the image's cached allocation: tapdisk may have grown
+	// it). A crash in between leaves the record, which still counts the
+	// image as open (RecordedImages); a failure keeps the record too, and
+	// the detach fails, to be retried.
+	Closed func(ctx context.Context, img tapdisk.Image) error
 }
 
 func (m *Manager) dir() string {
@@ -277,6 +284,11 @@ func (m *Manager) Detach(ctx context.Context, img tapdisk.Image, domain string) 
 	}
 	if err := m.teardown(ctx, rec, v); err != nil {
 		return v.saveThen(rec, err)
+	}
+	if m.Closed != nil {
+		if err := m.Closed(ctx, img); err != nil {
+			return v.saveThen(rec, err)
+		}
 	}
 	m.log().WithFields(logrus.Fields{"image": img.Path, "domain": domain}).Info("detached the last user; tapdisk torn down")
 	return v.remove()

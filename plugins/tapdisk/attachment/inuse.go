@@ -3,6 +3,7 @@ package attachment
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
@@ -54,4 +55,35 @@ func sameDirAs(path string, dir os.FileInfo) bool {
 	}
 	st, err := os.Stat(filepath.Dir(path))
 	return err == nil && os.SameFile(st, dir)
+}
+
+// RecordedImages lists the base names of the images that have a datapath
+// record, from the record files' names alone (no read, no lock: SR.ls
+// calls it at every scan). A record is written before tapdisk opens its
+// image and removed only after the image was closed for good and
+// Manager.Closed ran, so an image without one is not open in any tapdisk
+// of this boot. Every record counts, whatever its state (a detach that
+// failed half way leaves one with no domain: its image may have changed).
+func (m *Manager) RecordedImages() ([]string, error) {
+	entries, err := os.ReadDir(m.dir())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range entries {
+		stem, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok {
+			continue
+		}
+		// name(img): <base>-<16 hex digits of the path's hash>
+		i := strings.LastIndexByte(stem, '-')
+		if i < 0 || len(stem)-i-1 != 16 {
+			return nil, fmt.Errorf("%s: %w", e.Name(), ErrDamagedRecord)
+		}
+		out = append(out, stem[:i])
+	}
+	return out, nil
 }
