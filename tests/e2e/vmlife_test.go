@@ -49,7 +49,7 @@ import (
 // XCP-ng 8.3 has them (../shared/dom0/README.md). Debian's own tools are
 // covered by TestSRLifecycle and TestAdminCommand. What stays Debian's:
 // the kernel (Debian 12's; dom0 runs 4.19), udev (dom0: 219), and the
-// qemu-nbd behind the fake tap-ctl (tests/datapath: no tapdisk here).
+// fake tap-ctl standing in for tapdisk (tests/datapath).
 
 const (
 	lifeSR      = "3c1e9a52-7d4b-4f0e-9a61-5b2c8d7e6f10"
