@@ -47,9 +47,9 @@ import (
 // (dom0Profiles[0]: cryptsetup 1.7.4, so a LUKS1 SR; util-linux 2.23.2's
 // blkid, mount and umount; e2fsprogs 1.47.0's upstream mke2fs.conf), as
 // XCP-ng 8.3 has them (../shared/dom0/README.md). Debian's own tools are
-// covered by TestSRLifecycle and TestAdminCommand. What stays Debian's:
-// the kernel (Debian 12's; dom0 runs 4.19), udev (dom0: 219), and the
-// fake tap-ctl standing in for tapdisk (tests/datapath).
+// covered by TestSRLifecycle and TestAdminCommand. What is not dom0's:
+// the kernel and udev (Debian 12's; dom0 runs 4.19 and systemd 219's),
+// and tapdisk (tests/datapath's fake tap-ctl stands in).
 
 const (
 	lifeSR      = "3c1e9a52-7d4b-4f0e-9a61-5b2c8d7e6f10"
