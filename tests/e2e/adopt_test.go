@@ -83,8 +83,13 @@ func (g *guest) adopt(t *testing.T, env string, dev string, args ...string) (int
 // adopt`, then used through the installed plugins the way
 // xapi-storage-script calls them; and the copy path (a VDI written whole
 // through a read-write dom0 attach, read back through a read-only one).
+// Everything runs against dom0's tools (dom0Profiles[0]: cryptsetup
+// 1.7.4, util-linux 2.23.2, XCP-ng's mke2fs.conf), the disk's making
+// included; handmade_test.go says what still differs from a real host.
 func TestAdoptHandmadeSR(t *testing.T) {
 	g := bootGuest(t, vm.Config{Disks: []int64{64 << 20, 40 << 20}, TPM: true})
+	prof := dom0Profiles[0]
+	g.applyDom0Profile(t, prof)
 	g.startXAPI(t, map[string]string{})
 	dp := datapath.Install(t, g.Machine)
 	const dev = "/dev/vda"
@@ -340,6 +345,7 @@ LUKSEXT_LOG_LEVEL=debug %[2]s/root/usr/libexec/luksext/volume gc %[1]s -once 2>>
 
 	g.Reboot(t)
 	t.Run("after a reboot: attach unlocks with the TPM; stock clevis still opens the disk", func(t *testing.T) {
+		g.assertDom0Profile(t, prof)
 		g.startXAPI(t, map[string]string{})
 		g.ok(t, "SR.attach", attachParams(final.DeviceConfig), &sr)
 		var vols []smapi.Volume

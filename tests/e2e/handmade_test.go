@@ -14,14 +14,46 @@ import (
 )
 
 // A hand-made encrypted SR, built in a guest exactly as the people issue
-// 18 is for built theirs (../shared/seeds/01-*): a LUKS1 disk
-// (`cryptsetup luksFormat -s 512 -h sha512`) with a passphrase in keyslot
-// 0, stock `clevis luks bind -d DEV tpm2 '{}'` (keyslot 1, luksmeta slot
-// 1) against the guest's vTPM, opened as /dev/mapper/luks-<LUKS uuid>
-// (the systemd unit's name), and an SMAPIv1 "ext" SR on that mapping as
-// xcp-ng/sm 3.2.12 makes it. The VHD files are made with blktap's vhd-util
-// and lvio (../shared/dom0/blktap), never with plugins/vhd, so the fixture
-// is independent of the code under test.
+// 18 is for built theirs (../shared/seeds/01-*) on an XCP-ng 8.3 host: a
+// LUKS1 disk (`cryptsetup luksFormat -s 512 -h sha512`) with a passphrase
+// in keyslot 0, `clevis luks bind -d DEV tpm2 '{}'` (keyslot 1, luksmeta
+// slot 1) against the guest's vTPM, opened as /dev/mapper/luks-<LUKS
+// uuid> (the systemd unit's name), and an SMAPIv1 "ext" SR on that
+// mapping as xcp-ng/sm 3.2.12 makes it. The VHD files are made with
+// blktap's vhd-util and lvio (../shared/dom0/blktap), never with
+// plugins/vhd, so the fixture is independent of the code under test.
+//
+// The caller puts a dom0 profile (dom0_test.go) in front first, so the
+// disk is made with dom0's cryptsetup (1.7.4: what CentOS 7.5 and so
+// XCP-ng 8.3 ship, LUKS1 only; its luksFormat default is LUKS1 as 2.0.3's
+// is) and dom0's mke2fs.conf. What differs from a real host, and why:
+//   - clevis: the recipe's `yum install clevis clevis-luks` on dom0 gets
+//     CentOS 7's clevis, not the guest's Debian clevis 19, whose bind
+//     cannot run against cryptsetup 1.7.4 (its luksAddKey passes `--pbkdf
+//     pbkdf2 --pbkdf-force-iterations 1000`: "--pbkdf: unknown option",
+//     nothing bound; against 2.0.3 it works). So the binding is made as
+//     clevis's LUKS1 bind of that era makes it (latchset/clevis
+//     src/luks/clevis-luks-bind, LUKS1 path): `pwmake <MK bits>` (pwmake
+//     caps it at 256) as the new key, `clevis encrypt tpm2 '{}'` of it,
+//     `luksmeta init`, `printf 'old\nkey\n' | cryptsetup luksAddKey
+//     --key-slot N DEV` (its -s path, N the first free keyslot: 1.7.4's
+//     -v prints no "Key slot N created." for the other path to parse;
+//     `-i 1` added, see the PBKDF below), `luksmeta save -u
+//     cb6e8904-... -s N` of the JWE. clevis encrypt/decrypt, jose and
+//     luksmeta are Debian's builds (luksmeta links Debian's libcryptsetup
+//     2.6, not dom0's 1.7.4 library); what they write (the JWE, luksmeta
+//     v1 slots) is the format clevis on CentOS 7 writes. At the end
+//     Debian's stock `clevis luks unlock` opens the adopted disk through
+//     dom0's cryptsetup 1.7.4 (checked: it works there).
+//   - lvm2: dom0 runs lvm2 2.02.180; the guest's is Debian 12's 2.03 (no
+//     2.02 build here), so vgcreate/lvcreate/vgchange are Debian's.
+//   - kernel and udev: Debian 12's, not 4.19 and systemd 219's udev.
+//   - the PBKDF is cut (`-i 1`: 1 ms, LUKS1's floor of 1000 iterations)
+//     in both keyslots: the recipe's `-i 10000` is 10 s of sha512 on a
+//     real CPU, minutes under TCG, and clevis's default (1.7.4's 1 s,
+//     benchmarked under TCG) made every unlock through the binding cost
+//     seconds (the kill -9 step took 72 s instead of 29 s); the format
+//     is the same.
 //
 // SMAPIv1's steps, from xcp-ng/sm v3.2.12:
 //   - EXTSR.create (drivers/EXTSR.py, lvutil.createVG): `vgcreate
@@ -80,6 +112,9 @@ const (
 	handmadeSnap   = "3d904eb2-5f61-4c7d-9e8f-9a0b1c2d3e4f" // the snapshot
 	handmadeVDIC   = "4ea15fc3-6072-4d8e-8f90-0b1c2d3e4f50" // a second disk, no snapshot
 	handmadePass   = "handmade-sr-admin-passphrase-18"
+	// clevisLUKSMetaUUID is the luksmeta slot uuid clevis stores its JWE
+	// under (clevis src/luks/clevis-luks-bind UUID=).
+	clevisLUKSMetaUUID = "cb6e8904-81ff-40da-a84a-07ab9ab5715e"
 )
 
 // lvioWrite is one write through lvio: data at off of the VDI's disk.
@@ -92,6 +127,7 @@ type lvioWrite struct {
 // a running SMAPIv1 host has it: mapping open, LV active, mounted.
 func buildHandmadeSR(t *testing.T, g *guest, dev string) *handmadeSR {
 	t.Helper()
+	testenv.Tools(t, "pwmake", "luksmeta", "clevis")
 	tree := testenv.Dom0Tree(t, "blktap", g.work)
 	h := &handmadeSR{Dev: dev, SR: handmadeSRUUID, VG: "XSLocalEXT-" + handmadeSRUUID,
 		Mount:   "/var/run/sr-mount/" + handmadeSRUUID,
@@ -99,14 +135,20 @@ func buildHandmadeSR(t *testing.T, g *guest, dev string) *handmadeSR {
 	h.LV = "/dev/" + h.VG + "/" + h.SR
 	h.KeyFile = writeNamedKey(t, g, "handmade", handmadePass)
 
-	// The disk and its clevis binding. The PBKDF is cut to the minimum
-	// (LUKS1 iterations): the recipe's `-i 10000` is 10 s of sha512 on a
-	// real CPU, minutes under TCG, and changes nothing in the format.
+	// The disk (dom0's cryptsetup, the recipe's flags but -i) and its
+	// clevis binding as clevis 7 makes it (see above).
 	g.MustRun(t, fmt.Sprintf(`set -e
 modprobe dm_crypt
-cryptsetup luksFormat -q --type luks1 -s 512 -h sha512 --pbkdf-force-iterations 1000 --key-file %[1]s %[2]s
-clevis luks bind -y -d %[2]s -k %[1]s tpm2 '{}'
-`, h.KeyFile, dev))
+cryptsetup luksFormat -q -s 512 -h sha512 -i 1 --key-file %[1]s %[2]s
+bits=$(cryptsetup luksDump %[2]s | sed -rn 's|MK bits:[ \t]*([0-9]+)|\1|p')
+key=$(pwmake "$bits" 2>/dev/null)
+jwe=$(printf '%%s' "$key" | clevis encrypt tpm2 '{}')
+luksmeta test -d %[2]s || luksmeta init -d %[2]s -f
+slot=$(cryptsetup luksDump %[2]s | sed -rn 's|^Key Slot ([0-7]): DISABLED$|\1|p' | head -n 1)
+test "$slot" = 1
+printf '%%s\n%%s\n' "$(cat %[1]s)" "$key" | cryptsetup luksAddKey -i 1 --key-slot "$slot" %[2]s
+printf '%%s' "$jwe" | luksmeta save -d %[2]s -u %[3]s -s "$slot"
+`, h.KeyFile, dev, clevisLUKSMetaUUID))
 	h.LUKSUUID = strings.TrimSpace(g.MustRun(t, "cryptsetup luksUUID "+dev))
 	h.Mapping = "luks-" + h.LUKSUUID
 	dump := g.MustRun(t, "cryptsetup luksDump "+dev+"; luksmeta show -d "+dev)
@@ -115,7 +157,7 @@ clevis luks bind -y -d %[2]s -k %[1]s tpm2 '{}'
 	require.Contains(t, dump, "MK bits:       \t512")
 	require.Contains(t, dump, "Key Slot 0: ENABLED")
 	require.Contains(t, dump, "Key Slot 1: ENABLED")
-	require.Regexp(t, `(?m)^1\s+active\s+cb6e8904-81ff-40da-a84a-07ab9ab5715e$`, dump, "clevis's luksmeta uuid in slot 1")
+	require.Regexp(t, `(?m)^1\s+active\s+`+clevisLUKSMetaUUID+`$`, dump, "clevis's luksmeta uuid in slot 1")
 
 	// The systemd unit's open (by passphrase here; the test proves stock
 	// clevis opens it after the adoption), then EXTSR.create.

@@ -42,6 +42,14 @@ import (
 // other sectors the parent holds), not the plugins' image code; the image
 // files are also read by blktap's libvhd (lvio, ../shared/dom0) for VHD
 // and by qemu-img for qcow2.
+//
+// The guest runs dom0's tools, not Debian's: the most dom0-like profile
+// (dom0Profiles[0]: cryptsetup 1.7.4, so a LUKS1 SR; util-linux 2.23.2's
+// blkid, mount and umount; e2fsprogs 1.47.0's upstream mke2fs.conf), as
+// XCP-ng 8.3 has them (../shared/dom0/README.md). Debian's own tools are
+// covered by TestSRLifecycle and TestAdminCommand. What is not dom0's:
+// the kernel and udev (Debian 12's; dom0 runs 4.19 and systemd 219's),
+// and tapdisk (tests/datapath's fake tap-ctl stands in).
 
 const (
 	lifeSR      = "3c1e9a52-7d4b-4f0e-9a61-5b2c8d7e6f10"
@@ -74,6 +82,8 @@ func TestVMLife(t *testing.T) {
 	}
 	dom0, _ = filepath.Abs(dom0)
 	g := bootGuest(t, vm.Config{Disks: []int64{96 << 20}, TPM: true, MemoryMiB: 1024})
+	prof := dom0Profiles[0]
+	g.applyDom0Profile(t, prof)
 	g.startXAPI(t, map[string]string{})
 	// A syslog, as dom0's rsyslog feeds /var/log/SMlog: the detached GC
 	// logs only there, and its account is what a failure needs.
@@ -88,6 +98,8 @@ func TestVMLife(t *testing.T) {
 	var cfg map[string]string
 	g.ok(t, "SR.create", createParams(lifeSR, map[string]string{"device": "/dev/vda"}), &cfg)
 	g.ok(t, "SR.attach", attachParams(cfg), &l.sr)
+	require.Equal(t, prof.LUKS, g.luksVersion(t, "/dev/vda"), "the SR is the LUKS version dom0's cryptsetup writes")
+	g.assertMkfsFeatures(t, prof, "/dev/mapper/luksext-"+lifeSR)
 	l.pat = make([]byte, 1<<20)
 	_, _ = rand.Read(l.pat)
 	require.NoError(t, os.WriteFile(filepath.Join(g.work, "life-pat"), l.pat, 0o644))
