@@ -22,19 +22,22 @@ import (
 
 type row struct{ step, ours, ref, ratio string }
 
-// goals are the targets of the performance issue, by step prefix.
-var goals = []struct{ prefix, goal string }{
-	{"SR.ls at", "< 50 ms (wall, unloaded host)"},
-	{"Volume.stat at", "not slower"},
-	{"luks open", "≥ 10× faster than clevis"},
-	{"SR.attach (whole", "≥ 10× faster than clevis"},
-	{"plugin-exec-ms", "≤ 2× a plain ELF"},
-	{"Plugin.Query exec vs", "≤ 2×"},
+// goals are the targets of the performance issue, by step prefix (and,
+// where one prefix names several figures, a part the step must contain:
+// the SR.ls goal is the steady per-call figure, not the first call after
+// a change or a mount).
+var goals = []struct{ prefix, contains, goal string }{
+	{"SR.ls at", "(exec per call", "< 50 ms (wall, unloaded host)"},
+	{"Volume.stat at", "", "not slower"},
+	{"luks open", "", "≥ 10× faster than clevis"},
+	{"SR.attach (whole", "", "≥ 10× faster than clevis"},
+	{"plugin-exec-ms", "", "≤ 2× a plain ELF"},
+	{"Plugin.Query exec vs", "", "≤ 2×"},
 }
 
 func goal(step string) string {
 	for _, g := range goals {
-		if strings.HasPrefix(step, g.prefix) {
+		if strings.HasPrefix(step, g.prefix) && strings.Contains(step, g.contains) {
 			return g.goal
 		}
 	}
@@ -45,7 +48,10 @@ var kv = regexp.MustCompile(`^([A-Za-z0-9_.-]+)=(\S+)$`)
 
 func parse(line string, rows *[]*row, byStep map[string]*row) {
 	body := strings.TrimSpace(strings.TrimPrefix(line, "BENCH"))
-	if step, rest, ok := strings.Cut(body, ": "); ok {
+	// The figures follow the last ": " (a step may name its own part:
+	// "first boot cost (kernel): modprobe dm_crypt: luksext 150 ms").
+	if i := strings.LastIndex(body, ": "); i >= 0 {
+		step, rest := body[:i], body[i+2:]
 		r := &row{step: step}
 		for i, part := range strings.Split(rest, ", ") {
 			part = strings.TrimSpace(part)
