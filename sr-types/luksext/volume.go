@@ -9,10 +9,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"github.com/sirupsen/logrus"
-	"golang.org/x/sys/unix"
 
 	"github.com/luksext/luksext/plugins/image"
 	"github.com/luksext/luksext/plugins/lock"
@@ -226,15 +224,6 @@ func volumeMethods(d Deps) []smapi.Method {
 			return volumeSnapshot(ctx, vd, p, true)
 		}),
 	}
-}
-
-// fstatat is unix.Fstatat for a NUL-terminated name (no C-string copy).
-func fstatat(dirfd int, name []byte, st *unix.Stat_t) error {
-	_, _, e := unix.Syscall6(unix.SYS_NEWFSTATAT, uintptr(dirfd), uintptr(unsafe.Pointer(&name[0])), uintptr(unsafe.Pointer(st)), 0, 0, 0)
-	if e != 0 {
-		return e
-	}
-	return nil
 }
 
 func volumeStat(ctx context.Context, d VolumeDeps, p smapi.VolumeParams) (smapi.Volume, error) {

@@ -292,11 +292,8 @@ func (c *lsCache) statLive(dirfd int, live []string) (hits []lsHit, ok bool) {
 		if !ok {
 			return nil, false
 		}
-		var phys int64
-		if fstatat(dirfd, append(append(name[:0], f...), 0), &st) == nil {
-			phys = st.Blocks * 512
-		}
-		hits = append(hits, lsHit{e, phys})
+		name = append(append(name[:0], f...), 0)
+		hits = append(hits, lsHit{e, allocatedAt(dirfd, name, &st)})
 	}
 	return hits, true
 }
@@ -322,38 +319,60 @@ func (c *lsCache) writeLive(w io.Writer, hits []lsHit) error {
 }
 
 // statAll returns the allocated bytes of each named file in dirfd (0 when
-// it cannot be stat'ed, as Volume.stat says), in parallel on more workers
-// than CPUs so that a stat waiting for an inode block to be read (cold
-// cache after attach) does not idle a CPU.
+// it cannot be stat'ed, as Volume.stat says).
 func statAll(dirfd int, n int, name func(i int) []byte) []int64 {
 	phys := make([]int64, n)
-	const chunk = 256
-	nchunks := (n + chunk - 1) / chunk
+	inChunks(n, func() func(c, lo, hi int) {
+		var st unix.Stat_t
+		buf := make([]byte, 0, 64)
+		return func(_, lo, hi int) {
+			for i := lo; i < hi; i++ {
+				phys[i] = allocatedAt(dirfd, append(append(buf[:0], name(i)...), 0), &st)
+			}
+		}
+	})
+	return phys
+}
+
+// lsChunk is how many leaves one worker of inChunks takes at a time.
+const lsChunk = 256
+
+// inChunks calls the chunk functions of its workers for [0, n) by chunks
+// of lsChunk (c is the chunk's index, [lo, hi) its range), on more
+// workers than CPUs so that a stat waiting for an inode block to be read
+// (cold cache after an attach) does not idle a CPU; it returns when all
+// chunks are done. newWorker is called once per worker (its scratch).
+func inChunks(n int, newWorker func() func(c, lo, hi int)) {
+	nchunks := (n + lsChunk - 1) / lsChunk
 	workers := min(max(runtime.GOMAXPROCS(0), 4), nchunks)
 	var next atomic.Int64
-	done := make(chan struct{})
+	var wg sync.WaitGroup
 	for range workers {
+		wg.Add(1)
 		go func() {
-			defer func() { done <- struct{}{} }()
-			var st unix.Stat_t
-			buf := make([]byte, 0, 64)
+			defer wg.Done()
+			do := newWorker()
 			for {
 				c := int(next.Add(1) - 1)
 				if c >= nchunks {
 					return
 				}
-				for i := c * chunk; i < min((c+1)*chunk, n); i++ {
-					if fstatat(dirfd, append(append(buf[:0], name(i)...), 0), &st) == nil {
-						phys[i] = st.Blocks * 512
-					}
-				}
+				do(c, c*lsChunk, min((c+1)*lsChunk, n))
 			}
 		}()
 	}
-	for range workers {
-		<-done
+	wg.Wait()
+}
+
+// allocatedAt is the allocated bytes of the file named by the
+// NUL-terminated name in dirfd, 0 when it cannot be stat'ed (fstatat
+// without a C-string copy).
+func allocatedAt(dirfd int, name []byte, st *unix.Stat_t) int64 {
+	_, _, e := unix.Syscall6(unix.SYS_NEWFSTATAT, uintptr(dirfd), uintptr(unsafe.Pointer(&name[0])), uintptr(unsafe.Pointer(st)), 0, 0, 0)
+	if e != 0 {
+		return 0
 	}
-	return phys
+	return st.Blocks * 512
 }
 
 // restat is c with every allocation stat'ed now, tagged tag; nil when
@@ -420,9 +439,8 @@ func lsFileFinish(tag string, b []byte, start int, ents []lsEntry) *lsCache {
 }
 
 // render builds the reply of listing's VDIs with a stat of every leaf:
-// by chunks, each stat'ed and rendered by one of more workers than CPUs
-// (a stat waiting for an inode block to be read, cold cache after an
-// attach, does not idle a CPU), then put together in order.
+// by chunks, each stat'ed and rendered by a worker (inChunks), then put
+// together in order.
 func (v *volumes) render(dirfd int, listing store.Listing, tag string) *lsCache {
 	var vdis []int
 	for i := range listing.Nodes {
@@ -430,58 +448,41 @@ func (v *volumes) render(dirfd int, listing store.Listing, tag string) *lsCache 
 			vdis = append(vdis, i)
 		}
 	}
-	const chunk = 256
-	nchunks := (len(vdis) + chunk - 1) / chunk
-	parts := make([][]byte, nchunks)
+	parts := make([][]byte, (len(vdis)+lsChunk-1)/lsChunk)
 	ents := make([]lsEntry, len(vdis)) // offsets within their part, at first
-	workers := min(max(runtime.GOMAXPROCS(0), 4), nchunks)
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var st unix.Stat_t
-			name := make([]byte, 0, volsName+1)
-			uri := make([]byte, 0, 256)
-			var num []byte
-			for {
-				c := int(next.Add(1) - 1)
-				if c >= nchunks {
-					return
+	inChunks(len(vdis), func() func(c, lo, hi int) {
+		var st unix.Stat_t
+		name := make([]byte, 0, volsName+1)
+		uri := make([]byte, 0, 256)
+		var num []byte
+		return func(c, lo, hi int) {
+			b := make([]byte, 0, lsChunk*400)
+			for k := lo; k < hi; k++ {
+				n := &listing.Nodes[vdis[k]]
+				name = append(append(append(name[:0], n.ID...), '.'), n.Format...)
+				phys := allocatedAt(dirfd, append(name, 0), &st)
+				if k > 0 {
+					b = append(b, ',')
 				}
-				b := make([]byte, 0, chunk*400)
-				for k := c * chunk; k < min((c+1)*chunk, len(vdis)); k++ {
-					n := &listing.Nodes[vdis[k]]
-					name = append(append(append(name[:0], n.ID...), '.'), n.Format...)
-					var phys int64
-					if fstatat(dirfd, append(name, 0), &st) == nil {
-						phys = st.Blocks * 512
-					}
-					if k > 0 {
-						b = append(b, ',')
-					}
-					// URIs are copied by the encoder, not kept
-					uri = append(append(append(append(uri[:0], URIScheme+"://"...), v.st.SR...), '/'), name...)
-					id := n.ID
-					vol := smapi.Volume{
-						Key: n.ID, UUID: &id, Name: n.VDI.Name, Description: n.VDI.Description,
-						ReadWrite: n.VDI.ReadWrite, Sharable: n.VDI.Sharable, VirtualSize: n.VirtualSize,
-						PhysicalUtilisation: phys, URI: []string{unsafe.String(&uri[0], len(uri))},
-					}
-					var off int
-					b, off = smapi.AppendVolumeKeysJSONAt(b, &vol, listing.KeysJSON(vdis[k]))
-					e := &ents[k]
-					copy(e.name[:], name)
-					e.off = uint32(off)
-					num = strconv.AppendInt(num[:0], phys, 10)
-					e.n = uint8(len(num))
+				// URIs are copied by the encoder, not kept
+				uri = append(append(append(append(uri[:0], URIScheme+"://"...), v.st.SR...), '/'), name...)
+				id := n.ID
+				vol := smapi.Volume{
+					Key: n.ID, UUID: &id, Name: n.VDI.Name, Description: n.VDI.Description,
+					ReadWrite: n.VDI.ReadWrite, Sharable: n.VDI.Sharable, VirtualSize: n.VirtualSize,
+					PhysicalUtilisation: phys, URI: []string{unsafe.String(&uri[0], len(uri))},
 				}
-				parts[c] = b
+				var off int
+				b, off = smapi.AppendVolumeKeysJSONAt(b, &vol, listing.KeysJSON(vdis[k]))
+				e := &ents[k]
+				copy(e.name[:], name)
+				e.off = uint32(off)
+				num = strconv.AppendInt(num[:0], phys, 10)
+				e.n = uint8(len(num))
 			}
-		}()
-	}
-	wg.Wait()
+			parts[c] = b
+		}
+	})
 	size := 2
 	for _, p := range parts {
 		size += len(p)
@@ -490,7 +491,7 @@ func (v *volumes) render(dirfd int, listing store.Listing, tag string) *lsCache 
 	b = append(b, '[')
 	for c, p := range parts {
 		base := uint32(len(b) - start)
-		for k := c * chunk; k < min((c+1)*chunk, len(vdis)); k++ {
+		for k := c * lsChunk; k < min((c+1)*lsChunk, len(vdis)); k++ {
 			ents[k].off += base
 		}
 		b = append(b, p...)
