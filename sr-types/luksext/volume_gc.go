@@ -95,12 +95,17 @@ func StopGC(sr string, timeout time.Duration) error {
 	if !running() {
 		return nil
 	}
-	pid := readPID(gcPIDFile(st))
-	if pid > 0 {
-		_ = syscall.Kill(pid, syscall.SIGTERM)
-	}
+	// The collector takes its lock, then writes its pid: until it has, the
+	// file names the previous collector (an attach followed at once by a
+	// detach, then another attach). The pid is read again while waiting,
+	// and each new one is signalled.
+	pid, signalled := 0, 0
 	deadline := time.Now().Add(timeout)
 	for running() {
+		if pid = readPID(gcPIDFile(st)); pid > 0 && pid != signalled {
+			_ = syscall.Kill(pid, syscall.SIGTERM)
+			signalled = pid
+		}
 		if time.Now().After(deadline) {
 			if pid > 0 {
 				_ = syscall.Kill(pid, syscall.SIGKILL)
